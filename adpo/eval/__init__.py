@@ -1,0 +1,1 @@
+"""Robustness evaluation: metrics, the attack protocol, reports and plots (``adpo eval``)."""
