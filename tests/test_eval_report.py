@@ -1,0 +1,159 @@
+"""Reports, plots, sanity checks and `compare` on synthetic reports (no model needed)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adpo.eval.report import (
+    REPORT_FORMAT,
+    REPORT_VERSION,
+    compare_reports,
+    load_report,
+    results_table,
+    sanity_checks,
+    write_report,
+)
+
+
+def synthetic_report(name="model", clean=(1, 1, 1, 0), robust=None, attack_only=None, step_check=None):
+    """A VQA report over four samples; ``robust`` maps eps label -> per-sample exact-match scores."""
+    robust = robust if robust is not None else {"2/255": (1, 0, 0, 0), "4/255": (0, 0, 0, 0)}
+    eps_values = {"2/255": 2 / 255, "4/255": 4 / 255, "8/255": 8 / 255}
+    samples = []
+    for index, clean_score in enumerate(clean):
+        sample = {
+            "id": f"s{index}",
+            "prompt": "What shape?",
+            "references": ["circle"],
+            "clean": {"output": "circle" if clean_score else "square", "scores": {"exact_match": float(clean_score)}},
+            "robust": {},
+        }
+        for label, scores in robust.items():
+            only = attack_only[label][index] if attack_only else scores[index]
+            sample["robust"][label] = {
+                "output": "circle" if scores[index] else "square",
+                "scores": {"exact_match": float(scores[index])},
+                "attack_only_scores": {"exact_match": float(only)},
+                "source": "answer:circle",
+                "attacked": bool(clean_score),
+            }
+        samples.append(sample)
+    return {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "name": name,
+        "model": f"hub/{name}",
+        "task": "vqa",
+        "primary_metric": "exact_match",
+        "metrics": ["exact_match"],
+        "num_samples": len(clean),
+        "protocol": {"summary": "APGD, 100 steps."},
+        "config": {},
+        "clean": {"exact_match": float(np.mean(clean))},
+        "robust": [
+            {
+                "eps": eps_values[label],
+                "eps_label": label,
+                "steps": 100,
+                "metrics": {"exact_match": float(np.mean(scores))},
+                "attack_only_metrics": {"exact_match": float(np.mean(scores))},
+                "num_attacked": int(sum(clean)),
+                "seconds": 1.0,
+            }
+            for label, scores in robust.items()
+        ],
+        "step_check": step_check,
+        "samples": samples,
+        "examples": [],
+        "timing": {"seconds": 3.0, "device": "cpu"},
+    }
+
+
+def statuses(report):
+    return {check["check"]: check["status"] for check in sanity_checks(report)}
+
+
+def test_sanity_checks_pass_on_a_consistent_report():
+    report = synthetic_report(step_check={"eps_label": "4/255", "steps": 10, "metrics": {"exact_match": 0.25}, "per_sample": {}})
+    assert statuses(report) == {"robust_le_clean": "pass", "monotone_in_eps": "pass", "more_steps_not_weaker": "pass"}
+
+
+def test_robust_above_clean_fails_and_attack_above_clean_warns():
+    broken = synthetic_report(robust={"2/255": (1, 0, 0, 1), "4/255": (0, 0, 0, 0)})
+    assert statuses(broken)["robust_le_clean"] == "fail"
+    # Sample s3 is wrong clean; an attack output that is right is kept out of the robust score but flagged.
+    weak = synthetic_report(attack_only={"2/255": (1, 0, 0, 1), "4/255": (0, 0, 0, 0)})
+    assert statuses(weak)["robust_le_clean"] == "warn"
+
+
+def test_rise_in_eps_and_more_steps_higher_are_flagged():
+    rising = synthetic_report(robust={"2/255": (0, 0, 0, 0), "4/255": (1, 0, 0, 0)})
+    assert statuses(rising)["monotone_in_eps"] == "warn"
+    masked = synthetic_report(step_check={"eps_label": "4/255", "steps": 10, "metrics": {"exact_match": 0.0}, "per_sample": {}})
+    masked["robust"][1]["metrics"]["exact_match"] = 0.25
+    masked["samples"][0]["robust"]["4/255"]["scores"]["exact_match"] = 1.0
+    assert statuses(masked)["more_steps_not_weaker"] == "warn"
+    assert statuses(synthetic_report())["more_steps_not_weaker"] == "warn"  # not run -> said so
+
+
+def test_results_table_layout():
+    table = results_table([synthetic_report("orig"), synthetic_report("adpo", robust={"2/255": (1, 1, 0, 0), "8/255": (0, 0, 0, 0)})])
+    lines = table.splitlines()
+    assert lines[0] == "| Model | Clean | ε=2/255 | ε=4/255 | ε=8/255 |"
+    assert lines[2] == "| orig | 75.0 | 25.0 | 0.0 | — |"
+    assert lines[3] == "| adpo | 75.0 | 50.0 | — | 0.0 |"
+
+
+def png_ok(path):
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("L"))
+    return path.stat().st_size > 1000 and array.std() > 0
+
+
+def test_write_report_and_compare(tmp_path):
+    first = synthetic_report("original")
+    run_dir = tmp_path / "original"
+    (run_dir / "examples").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    clean_image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    adversarial = np.clip(clean_image.astype(int) + rng.integers(-4, 5, clean_image.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(clean_image).save(run_dir / "examples" / "s0_clean.png")
+    Image.fromarray(adversarial).save(run_dir / "examples" / "s0_4-255.png")
+    first["examples"] = [
+        {"id": "s0", "eps_label": "4/255", "clean_image": "examples/s0_clean.png", "adversarial_image": "examples/s0_4-255.png",
+         "prompt": "What shape?", "clean_output": "circle", "adversarial_output": "square"}
+    ]
+    paths = write_report(first, run_dir)
+    assert png_ok(paths["plot"]) and png_ok(paths["examples"])
+    saved = load_report(run_dir)
+    assert saved["sanity"] and saved["clean"]["exact_match"] == 0.75
+    markdown = paths["markdown"].read_text()
+    assert "| original | 75.0 | 25.0 | 0.0 |" in markdown and "## Sanity checks" in markdown and "examples.png" in markdown
+
+    write_report(synthetic_report("adpo", robust={"2/255": (1, 1, 0, 0), "4/255": (1, 0, 0, 0)}), tmp_path / "adpo")
+    out = compare_reports([run_dir, tmp_path / "adpo"], tmp_path / "cmp")
+    assert png_ok(out["plot"])
+    text = out["markdown"].read_text()
+    assert "| original | 75.0 | 25.0 | 0.0 |" in text and "| adpo | 75.0 | 50.0 | 25.0 |" in text
+    assert json.loads(out["json"].read_text())["rows"][1]["name"] == "adpo"
+
+
+def test_compare_refuses_mixed_tasks_and_non_reports(tmp_path):
+    write_report(synthetic_report("a"), tmp_path / "a")
+    other = synthetic_report("b")
+    other["task"], other["primary_metric"] = "caption", "cider"
+    other["clean"]["cider"] = 0.5
+    for row in other["robust"]:
+        row["metrics"]["cider"] = 0.1
+    for sample in other["samples"]:
+        sample["clean"]["scores"]["cider"] = 0.5
+        for robust in sample["robust"].values():
+            robust["scores"]["cider"] = 0.1
+            robust["attack_only_scores"]["cider"] = 0.1
+    write_report(other, tmp_path / "b")
+    with pytest.raises(ValueError, match="one task at a time"):
+        compare_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    with pytest.raises(FileNotFoundError, match="report.json"):
+        load_report(tmp_path / "missing")
