@@ -1,0 +1,147 @@
+"""The threat model: where adversarial images may live.
+
+Every attack, every adversarial trainer and every evaluation in adpo uses this one module, so that
+"ε = 2/255" means the same thing everywhere:
+
+* images are float tensors ``[B, 3, H, W]`` in **pixel space [0, 1]** (normalisation happens inside the
+  model wrappers of :mod:`adpo.lvlm`, never here);
+* an adversarial image ``x'`` is admissible iff ``‖x' − x‖_p ≤ ε`` per sample and ``0 ≤ x' ≤ 1``;
+* the attack state is fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Norm = Literal["linf", "l2"]
+NORMS: tuple[str, ...] = ("linf", "l2")
+
+# Admissibility is checked up to this slack: fp32 round-off of (x + δ) − x, not a loosening of ε.
+_TOLERANCE = 1e-6
+
+
+def parse_eps(value: float | int | str) -> float:
+    """Accept ε as a float (``0.0078``), a fraction string (``"2/255"``) or an integer of 255ths (``2``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            return float(numerator) / float(denominator)
+        value = float(text)
+    value = float(value)
+    # Integers ≥ 1 are read as 255ths: nobody attacks with ε ≥ 1 in [0,1] pixel space.
+    return value / 255.0 if value >= 1.0 else value
+
+
+def check_images(x: torch.Tensor, name: str = "images") -> None:
+    """Raise a ValueError unless ``x`` is a float ``[B, C, H, W]`` tensor in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, 3, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} must have shape [B, C, H, W], got {tuple(x.shape)}; "
+            "add a batch dimension with x.unsqueeze(0) for a single image"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor in [0, 1], got dtype {x.dtype}; divide uint8 pixels by 255")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -_TOLERANCE or hi > 1 + _TOLERANCE:
+        raise ValueError(
+            f"{name} must lie in pixel space [0, 1], found values in [{lo:.4f}, {hi:.4f}]; pass un-normalised "
+            "pixels (adpo.preprocess.to_pixels) — normalisation happens inside the model wrapper"
+        )
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An ℓ∞ or ℓ2 ball of radius ``eps`` around each clean image, intersected with [0, 1].
+
+    ``step_size`` defaults to ε/4 (so 10 PGD steps can travel 2.5 ε, the usual margin);
+    ``random_start`` draws the first iterate uniformly from the ball.
+    """
+
+    norm: Norm = "linf"
+    eps: float = 2 / 255
+    step_size: float | None = None
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; use one of {NORMS}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.step_size is not None and (not math.isfinite(self.step_size) or self.step_size <= 0):
+            raise ValueError(f"step_size must be > 0 (or None for eps/4), got {self.step_size}")
+
+    @property
+    def alpha(self) -> float:
+        """The step size actually used."""
+        return self.step_size if self.step_size is not None else self.eps / 4
+
+    def describe(self) -> str:
+        eps = f"{self.eps * 255:g}/255" if self.norm == "linf" else f"{self.eps:g}"
+        return f"{self.norm} eps={eps} step={self.alpha:.3g} random_start={self.random_start}"
+
+    # --- geometry -----------------------------------------------------------------------------------
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance ‖x_adv − x‖ in this model's norm, shape [B]."""
+        delta = (x_adv.float() - x.float()).flatten(1)
+        if self.norm == "linf":
+            return delta.abs().amax(dim=1)
+        return delta.norm(p=2, dim=1)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tolerance: float = _TOLERANCE) -> torch.Tensor:
+        """Boolean [B]: each adversarial image lies in the ball and in [0, 1]."""
+        in_ball = self.distance(x_adv, x) <= self.eps + tolerance
+        flat = x_adv.flatten(1)
+        in_box = (flat.amin(dim=1) >= -tolerance) & (flat.amax(dim=1) <= 1 + tolerance)
+        return in_ball & in_box
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Project onto the ball around ``x`` intersected with [0, 1].
+
+        Projecting onto the ball first and clipping to the box second is exact here: the clip only
+        shrinks |δ_i| coordinate-wise because x itself lies in the box, so the result stays in the ball.
+        """
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+            factor = (self.eps / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+            delta = delta * factor
+        return (x + delta).clamp(0.0, 1.0)
+
+    def random_init(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A starting point: uniform in the ball when ``random_start``, else ``x`` itself."""
+        if not self.random_start or self.eps == 0:
+            return x.clone()
+        if self.norm == "linf":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+            delta = noise * self.eps
+        else:
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            # Radius ∝ U^(1/d) would be uniform in volume; in high dimension that is ≈ ε, so use U·ε
+            # to also start near the centre sometimes (as common ℓ2 PGD implementations do).
+            radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) * self.eps
+            delta = direction * radius.view(-1, 1, 1, 1)
+        return self.project(x + delta, x)
+
+    def steepest_step(self, grad: torch.Tensor) -> torch.Tensor:
+        """The unit-size ascent direction for this norm (sign for ℓ∞, normalised gradient for ℓ2)."""
+        if self.norm == "linf":
+            return grad.sign()
+        norms = grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, step_size: float | torch.Tensor | None = None) -> torch.Tensor:
+        """One projected ascent step of size ``step_size`` (default :attr:`alpha`)."""
+        size = self.alpha if step_size is None else step_size
+        if isinstance(size, torch.Tensor):
+            size = size.view(-1, *([1] * (x_adv.dim() - 1)))
+        return self.project(x_adv + size * self.steepest_step(grad), x)
