@@ -1,0 +1,67 @@
+"""The ``adpo`` command: one entry point, one subcommand per stage.
+
+Each stage lives in its own package and exposes ``main(argv) -> int``; this module only dispatches
+(lazily, so ``adpo --help`` stays fast and a stage's optional dependencies are imported only when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with main(argv), one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "run": ("adpo.pipeline", "run the whole pipeline (pairs -> AdPO/FARE/TeCoA -> transfer -> eval) from one config"),
+    "pairs": ("pairs.cli", "generate a preference dataset: clean-image answers (chosen) vs adversarial-image answers (rejected)"),
+    "train": ("trainers.cli", "train a robust vision encoder: adpo | fare | tecoa | simclip"),
+    "transfer": ("transfer.cli", "graft a trained encoder into a (larger) LVLM, convert formats, verify"),
+    "eval": ("adpo.eval.cli", "evaluate clean and adversarial robustness; write JSON/Markdown reports and plots"),
+    "world": ("adpo.world.cli", "the bundled offline world: build | info | eval"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adpo",
+        description=(
+            "Adversarially robust LLaVA-family vision-language models by preference optimisation (AdPO), "
+            "with FARE and TeCoA baselines. Every stage reads a YAML config (--config) and writes "
+            "Hugging Face-format outputs. Run `adpo <stage> --help` for a stage's options."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with: adpo run --config configs/quickstart.yaml   (offline, on the bundled world)",
+    )
+    parser.add_argument("--version", action="version", version=f"adpo {_version()}")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for name, (_, help_text) in STAGES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from adpo import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] not in STAGES:
+        parser.parse_args(argv or ["--help"])  # prints help / version / the unknown-stage error and exits
+        return 2
+    stage, rest = argv[0], argv[1:]
+    module_name, _ = STAGES[stage]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
+            print(f"adpo {stage}: not yet available in this version ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
