@@ -1,0 +1,48 @@
+"""``adpo pairs --config configs/pairs/<name>.yaml [--key value ...]``: generate a preference-pair dataset.
+
+Also runnable under accelerate, each process taking every n-th shard::
+
+    accelerate launch --num_processes 4 -m pairs.cli --config configs/pairs/llava15_paper.yaml
+    accelerate launch --num_processes 2 --cpu pairs/cli.py --config configs/pairs/world.yaml
+
+Command-line keys override the YAML. Running the same command again resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pairs.config import PairsConfig
+
+
+def parse_config(argv: list[str] | None) -> PairsConfig:
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types=[PairsConfig], prog="adpo pairs", description=__doc__.splitlines()[0])
+    (config,) = parser.parse_args_and_config(args=argv)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_config(argv)
+        config.validate()
+    except ValueError as error:
+        print(f"adpo pairs: config error: {error}", file=sys.stderr)
+        return 2
+
+    from accelerate import PartialState
+
+    from pairs.generate import run
+
+    summary = run(config)
+    if PartialState().is_main_process:
+        counts = summary["counts"]
+        print(json.dumps({"output_dir": config.output_dir, **counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The configuration of a pair-generation run, loadable from YAML (``--config``) and the command line.
+
+Everything is checked in :meth:`PairsConfig.validate` before any model is loaded, so a typo fails in
+a second instead of after minutes of model loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adpo.threat import parse_eps
+from pairs.prompts import resolve_prompts
+
+NORMS = ("linf", "l2")
+EMBEDDINGS = ("pooled", "llm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: fields that leave the shards unchanged (keep_unchanged acts at merge): a resumed run may change them
+NON_CONTENT_FIELDS = frozenset(
+    {"output_dir", "push_to_hub", "hub_repo_id", "hub_private", "progress", "device_map", "keep_unchanged"}
+)
+
+
+def _radius(value: str, key: str) -> float:
+    """ε or a step size in [0,1] pixels; accepts 0.0078, "2/255", or a whole number of 255ths (adpo.threat.parse_eps)."""
+    try:
+        return parse_eps(value)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{key}={value!r} is not a number; write e.g. 0.0078, 2/255 or 2 (meaning 2/255)") from None
+
+
+@dataclass
+class PairsConfig:
+    # --- model
+    model_name_or_path: str = field(
+        default="", metadata={"help": "LLaVA-family model: hub id, local directory, or 'world:small' / 'world:large'."}
+    )
+    dtype: str = field(default="auto", metadata={"help": f"Model dtype, one of {DTYPES}."})
+    device_map: str | None = field(default=None, metadata={"help": "Passed to load_lvlm; default: this process's device."})
+    quantization: str | None = field(default=None, metadata={"help": "Passed to load_lvlm ('4bit' / '8bit')."})
+
+    # --- images (adpo.sources.open_source)
+    source: str = field(
+        default="",
+        metadata={"help": "Image source: an image folder, a saved HF dataset directory, a COCO captions .json, a hub "
+                          "dataset id, or 'world' / 'world:<split>' (the bundled world)."},
+    )
+    source_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of the world."})
+    image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
+    id_column: str | None = field(default=None, metadata={"help": "HF dataset: column with a stable id (default: row index)."})
+    image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
+
+    # --- prompts
+    prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (pairs.prompts.PROMPT_SETS)."})
+    prompts: list[str] | None = field(default=None, metadata={"help": "Explicit prompts (override prompt_set)."})
+    prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line (overrides prompt_set)."})
+    prompts_per_image: int = field(default=1, metadata={"help": "Distinct prompts sampled per image with the seed."})
+
+    # --- attack (FARE objective against the original tower)
+    norm: str = field(default="linf", metadata={"help": "Threat-model norm: linf or l2."})
+    eps: str | None = field(
+        default=None,
+        metadata={"help": "Radius in [0,1] pixels: 0.0078, '2/255', or 2 (whole numbers are 255ths). Default: the world's working eps for "
+                          "'world:' models, else 2/255 (the paper)."},
+    )
+    embedding: str = field(
+        default="pooled",
+        metadata={"help": "Tower output the FARE objective compares: 'pooled' (CLS embedding, as FARE) or 'llm' "
+                          "(the patch features the LLM consumes)."},
+    )
+    steps: int = field(default=10, metadata={"help": "PGD steps."})
+    step_size: str | None = field(default=None, metadata={"help": "PGD step size (number or fraction); default: ThreatModel's."})
+    random_start: bool = field(default=True, metadata={"help": "Start PGD from a random point in the ball."})
+    seed: int = field(default=0, metadata={"help": "Seeds prompt choice and PGD random starts."})
+
+    # --- decoding
+    max_new_tokens: int = field(default=32, metadata={"help": "Answer length limit (tokens)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (do_sample only)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (do_sample only)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
+
+    # --- output
+    output_dir: str = field(default="", metadata={"help": "Run directory: shards/, dataset/, README.md, summary.json."})
+    batch_size: int = field(default=8, metadata={"help": "Images per attack batch (their prompts are generated together)."})
+    images_per_shard: int = field(default=64, metadata={"help": "Images per shard (the unit of resume and of work split)."})
+    keep_unchanged: bool = field(default=True, metadata={"help": "Keep pairs whose rejected answer equals the chosen one."})
+    compute_ref_logps: bool = field(
+        default=False, metadata={"help": "Store ref_chosen_logps / ref_rejected_logps under the original model."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the merged dataset to the hub (needs hub_repo_id)."})
+    hub_repo_id: str | None = field(default=None, metadata={"help": "Hub dataset repo for push_to_hub."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the hub repo private."})
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm bar (pairs/s) on the main process."})
+
+    def validate(self) -> None:
+        """Check every key; raise ValueError naming the key and the fix. Touches no model."""
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is required (a hub id, a local directory or 'world:small')")
+        if self.model_name_or_path.startswith((".", "/", "~")) and not Path(self.model_name_or_path).expanduser().is_dir():
+            raise ValueError(f"model_name_or_path {self.model_name_or_path!r} looks like a path but is not a directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; use one of {DTYPES}")
+        if not self.output_dir:
+            raise ValueError("output_dir is required")
+
+        if not self.source:
+            raise ValueError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
+        if self.image_root and not Path(self.image_root).expanduser().is_dir():
+            raise ValueError(f"image_root {self.image_root!r} is not a directory")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"max_images={self.max_images}; must be >= 1 or unset")
+
+        prompts = self.prompt_list()
+        if self.prompts_per_image < 1 or self.prompts_per_image > len(prompts):
+            raise ValueError(f"prompts_per_image={self.prompts_per_image}; must be in 1..{len(prompts)} (prompts available)")
+
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; use one of {NORMS}")
+        if self.eps is not None:
+            eps = _radius(self.eps, "eps")
+            if not 0 < eps <= 1:
+                raise ValueError(f"eps={self.eps!r} is outside (0, 1]; eps is in [0,1] pixel units, e.g. 2/255")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding={self.embedding!r}; use one of {EMBEDDINGS}")
+        if self.steps < 0:
+            raise ValueError(f"steps={self.steps}; must be >= 0")
+        if self.step_size is not None and _radius(self.step_size, "step_size") <= 0:
+            raise ValueError(f"step_size={self.step_size!r}; must be > 0")
+
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; must be >= 1")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams={self.num_beams}; must be >= 1")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError("do_sample needs temperature > 0 and 0 < top_p <= 1")
+        if self.batch_size < 1 or self.images_per_shard < 1:
+            raise ValueError("batch_size and images_per_shard must be >= 1")
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub needs hub_repo_id (e.g. 'me/adpo-pairs')")
+
+    def prompt_list(self) -> list[str]:
+        return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)
+
+    def eps_value(self) -> float:
+        """ε in [0,1] pixels: the configured one, else the world's working ε for world models, else 2/255."""
+        if self.eps is not None:
+            return _radius(self.eps, "eps")
+        if self.model_name_or_path.startswith("world:"):
+            from adpo.world import world_config  # the world is optional; import only when asked for
+
+            return float(world_config()["working_eps"])
+        return 2 / 255
+
+    def step_size_value(self) -> float | None:
+        return None if self.step_size is None else _radius(self.step_size, "step_size")
+
+    def decoding(self) -> dict:
+        """generate() keyword arguments; stored with every pair."""
+        settings = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
+        if self.do_sample:
+            settings.update(temperature=self.temperature, top_p=self.top_p)
+        return settings
+
+    def content_fingerprint(self) -> dict:
+        """The fields that decide the dataset's content; a resume must match them exactly."""
+        return {k: v for k, v in asdict(self).items() if k not in NON_CONTENT_FIELDS}
+
+    def fingerprint_hash(self) -> str:
+        blob = json.dumps(self.content_fingerprint(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

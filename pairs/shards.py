@@ -1,0 +1,261 @@
+"""Work plan, shard files and the final merge: what makes a run resumable and splittable.
+
+* **Plan.** The source's images, in source order (first ``max_images``), are cut into shards of
+  ``images_per_shard`` images; every image carries its seeded prompts, so the work items are fixed by
+  the config alone. Process ``i`` of ``n`` takes shards ``i, i+n, i+2n, …``: shards are global, so a
+  resumed run may use a different number of processes and still produce the same shards.
+* **Shard files.** ``shards/shard-00007.parquet`` holds the pairs of shard 7 (HF features in the
+  schema metadata, so images stay ``Image``); ``shards/shard-00007.json`` is written *after* it and
+  marks the shard finished (skipped images, counts, timing). Both are written to a temporary name and
+  renamed, so a kill -9 leaves either a finished shard or nothing that counts: an unfinished shard is
+  simply done again.
+* **Run manifest.** ``run.json`` records the config fingerprint and the plan; a resume with a config
+  that would change the content is refused instead of mixing two datasets.
+* **Merge.** The finished shards, in shard order, become one ``datasets.Dataset`` saved with
+  ``save_to_disk`` under ``dataset/`` (atomically replaced), optionally without unchanged pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Features, Image, Value
+
+from pairs.prompts import prompts_for_image
+
+SHARD_DIR = "shards"
+DATASET_DIR = "dataset"
+MANIFEST = "run.json"
+
+#: the columns of every pair, in order; the reference log-probs are added when computed
+FEATURES = Features(
+    {
+        "image": Image(),  # the clean image exactly as the attack saw it (processor's resize/crop), PNG
+        "adv_image": Image(),  # the stored adversarial image (uint8 grid, inside the ε-ball of `image`), PNG
+        "prompt": Value("string"),
+        "chosen": Value("string"),  # y_w: the original model's answer on `image`
+        "rejected": Value("string"),  # y_l: its answer on `adv_image`
+        "answers_differ": Value("bool"),
+        "source_id": Value("string"),
+        "item_index": Value("int64"),  # position in the run's plan (image-major, then prompt)
+        "prompt_index": Value("int32"),  # index of the prompt in the run's prompt list
+        "norm": Value("string"),
+        "eps": Value("float64"),
+        "steps": Value("int32"),
+        "step_size": Value("float64"),
+        "random_start": Value("bool"),
+        "embedding": Value("string"),  # which tower output the FARE objective compared
+        "embedding_distance": Value("float32"),  # ||φ(adv_image) − φ_orig(image)||², on the stored images
+        "seed": Value("int64"),
+        "model_id": Value("string"),
+        "decoding": Value("string"),  # JSON of the generate() settings
+    }
+)
+REF_LOGP_FEATURES = {"ref_chosen_logps": Value("float64"), "ref_rejected_logps": Value("float64")}
+
+
+def features_for(compute_ref_logps: bool) -> Features:
+    if not compute_ref_logps:
+        return FEATURES
+    return Features({**FEATURES, **REF_LOGP_FEATURES})
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    item_index: int
+    source_id: str
+    prompt_index: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    shard_index: int
+    image_positions: tuple[int, ...]  # positions in the source's image order
+    items: tuple[WorkItem, ...]
+
+
+def plan_shards(
+    source_ids: list[str], prompts: list[str], prompts_per_image: int, seed: int, images_per_shard: int
+) -> list[ShardPlan]:
+    """Cut the image list into shards and attach each image's seeded prompts (image-major item order)."""
+    if len(set(source_ids)) != len(source_ids):
+        seen: set[str] = set()
+        duplicate = next(s for s in source_ids if s in seen or seen.add(s))
+        raise ValueError(f"the image source yields source_id {duplicate!r} twice; source ids must be unique")
+    shards = []
+    item_index = 0
+    for shard_index, start in enumerate(range(0, len(source_ids), images_per_shard)):
+        positions = tuple(range(start, min(start + images_per_shard, len(source_ids))))
+        items = []
+        for position in positions:
+            for prompt_index, prompt in prompts_for_image(prompts, prompts_per_image, seed, source_ids[position]):
+                items.append(WorkItem(item_index, source_ids[position], prompt_index, prompt))
+                item_index += 1
+        shards.append(ShardPlan(shard_index, positions, tuple(items)))
+    return shards
+
+
+def shards_for_process(shards: list[ShardPlan], process_index: int, num_processes: int) -> list[ShardPlan]:
+    """Process ``process_index`` of ``num_processes`` takes every ``num_processes``-th shard: no overlap, no gap."""
+    return shards[process_index::num_processes]
+
+
+def plan_digest(source_ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(source_ids).encode()).hexdigest()[:16]
+
+
+# --- atomic files ----------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# --- manifest --------------------------------------------------------------------------------------
+
+
+def check_or_write_manifest(output_dir: Path, manifest: dict, write: bool) -> None:
+    """Refuse to resume into a run directory made with a different content config or image list.
+
+    ``write`` is True on the main process only; the others just check (after it wrote).
+    """
+    path = output_dir / MANIFEST
+    if path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous.get("fingerprint") != manifest["fingerprint"] or previous.get("plan_digest") != manifest["plan_digest"]:
+            old, new = previous.get("config", {}), manifest["config"]
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if previous.get("plan_digest") != manifest["plan_digest"]:
+                changed.append("<image list of the source>")
+            if previous.get("eps") != manifest["eps"]:
+                changed.append("<resolved eps>")
+            raise ValueError(
+                f"{output_dir} holds a run made with different settings (changed: {', '.join(changed) or 'unknown'}); "
+                "resume with the same config, or choose a new output_dir"
+            )
+        return
+    if write:
+        atomic_write_json(path, manifest)
+
+
+# --- shards ----------------------------------------------------------------------------------------
+
+
+def shard_paths(output_dir: Path, shard_index: int) -> tuple[Path, Path]:
+    base = output_dir / SHARD_DIR / f"shard-{shard_index:05d}"
+    return base.with_suffix(".parquet"), base.with_suffix(".json")
+
+
+def shard_is_done(output_dir: Path, shard_index: int) -> bool:
+    data, marker = shard_paths(output_dir, shard_index)
+    return data.is_file() and marker.is_file()
+
+
+def write_shard(output_dir: Path, shard_index: int, rows: list[dict], features: Features, record: dict) -> None:
+    """Write the shard's pairs, then its completion record; each atomically (temp name + rename)."""
+    data, marker = shard_paths(output_dir, shard_index)
+    data.parent.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a stale record must never vouch for new data
+    columns = {name: [row[name] for row in rows] for name in features}
+    table = datasets.Dataset.from_dict(columns, features=features)
+    fd, tmp = tempfile.mkstemp(dir=data.parent, prefix=f".{data.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_parquet(tmp)
+        os.replace(tmp, data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(marker, {**record, "shard_index": shard_index, "num_pairs": len(rows)})
+
+
+def read_shard_record(output_dir: Path, shard_index: int) -> dict:
+    return json.loads(shard_paths(output_dir, shard_index)[1].read_text(encoding="utf-8"))
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Delete temp files a killed run left behind; returns how many."""
+    count = 0
+    for path in (output_dir / SHARD_DIR).glob(".*.tmp") if (output_dir / SHARD_DIR).is_dir() else ():
+        path.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def merge_shards(output_dir: Path, num_shards: int, features: Features, keep_unchanged: bool) -> datasets.Dataset:
+    """All finished shards, in shard order, as one dataset saved under ``output_dir/dataset``."""
+    missing = [i for i in range(num_shards) if not shard_is_done(output_dir, i)]
+    if missing:
+        raise RuntimeError(
+            f"cannot merge: shards {missing[:10]}{'…' if len(missing) > 10 else ''} of {num_shards} are not finished; "
+            "run the same command again to complete them"
+        )
+    files = [str(shard_paths(output_dir, i)[0]) for i in range(num_shards)]
+    cache_dir = output_dir / ".merge_cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a cache keyed on file names could outlive a redone shard
+    non_empty = [f for f, i in zip(files, range(num_shards)) if read_shard_record(output_dir, i)["num_pairs"] > 0]
+    if non_empty:
+        merged = datasets.Dataset.from_parquet(non_empty, features=features, cache_dir=str(cache_dir))
+    else:
+        merged = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    if not keep_unchanged:
+        merged = merged.filter(lambda differ: differ, input_columns="answers_differ", desc="dropping unchanged pairs")
+    target = output_dir / DATASET_DIR
+    staging = output_dir / f".{DATASET_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_to_disk(str(staging))
+    if target.exists():
+        retired = output_dir / f".{DATASET_DIR}.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def load_pairs(path: str | os.PathLike) -> datasets.Dataset:
+    """Open a pair dataset from a run directory (``…/dataset`` inside it) or from the dataset directory itself."""
+    path = Path(path)
+    if (path / DATASET_DIR).is_dir():
+        path = path / DATASET_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a pair dataset; pass the output_dir of `adpo pairs` or its dataset/ folder")
+    return datasets.load_from_disk(str(path))
+
+
+def shard_columns(output_dir: Path, num_shards: int, columns: list[str]) -> dict[str, list]:
+    """Selected light columns of every generated pair (before any drop), read straight from the shards."""
+    import pyarrow.parquet as pq
+
+    values: dict[str, list] = {name: [] for name in columns}
+    for i in range(num_shards):
+        table = pq.read_table(shard_paths(output_dir, i)[0], columns=columns)
+        for name in columns:
+            values[name].extend(table.column(name).to_pylist())
+    return values
