@@ -158,6 +158,14 @@ class CaptionScorer:
         _, scores = Bleu(n).compute_score(gts, res, verbose=0)
         return {i: float(s) for i, s in zip(ids, scores[n - 1])}
 
+    def corpus_bleu(self, predictions: Mapping[str, str], n: int = 4) -> float:
+        """Corpus BLEU-n: n-gram matches and lengths pooled over all samples (the number papers report)."""
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        gts, res, _ = self._inputs(predictions)
+        score, _ = Bleu(n).compute_score(gts, res, verbose=0)
+        return float(score[n - 1])
+
     def rouge_l(self, predictions: Mapping[str, str]) -> dict[str, float]:
         """Per-sample ROUGE-L (F-measure with beta = 1.2, best over references)."""
         from pycocoevalcap.rouge.rouge import Rouge

@@ -1,0 +1,80 @@
+"""The configuration of one ``adpo eval`` run (a dataclass, loadable from YAML with ``--config``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TASKS = ("vqa", "caption", "targeted", "zeroshot")
+PRECISIONS = ("half", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate, against which attack, on which samples.
+
+    Epsilons are fractions ("2/255"), floats in [0, 1) or integers read as 255ths; "world" means the
+    bundled world's working epsilon.
+    """
+
+    # -- model
+    model: str = field(default="world:small", metadata={"help": "LVLM: hub id, save_pretrained dir, or world:small|large."})
+    encoder: str | None = field(default=None, metadata={"help": "CLIPVisionModel dir to put into the model's vision tower first (FARE/TeCoA/AdPO encoders)."})
+    clip_model: str | None = field(default=None, metadata={"help": "zeroshot: CLIPModel (text tower + projections) for the class prompts; world:clip for the world's."})
+    name: str | None = field(default=None, metadata={"help": "Row label in tables and plots (default: the model name)."})
+    dtype: str = field(default="float32", metadata={"help": "Model weights dtype: float32 | bfloat16 | float16."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
+
+    # -- task and data
+    task: str = field(default="vqa", metadata={"help": "vqa | caption | targeted | zeroshot."})
+    data: str = field(default="world:test", metadata={"help": "world:<split>, a datasets.save_to_disk dir, or a hub dataset id."})
+    split: str = field(default="test", metadata={"help": "Split for hub datasets."})
+    num_samples: int = field(default=64, metadata={"help": "Number of evaluated samples (VQA: questions)."})
+    questions_per_image: int = field(default=1, metadata={"help": "VQA on datasets with several questions per image."})
+    image_column: str = "image"
+    question_column: str = "questions"
+    answers_column: str = "answers"
+    captions_column: str = "captions"
+    label_column: str = "label"
+    prompt: str | None = field(default=None, metadata={"help": "caption/targeted prompt (default per task)."})
+    question_suffix: str = field(default="", metadata={"help": "VQA: appended to each question, e.g. ' Answer with a single word.'"})
+    class_prompt: str = field(default="a photo of a {}", metadata={"help": "zeroshot: text prompt per class name."})
+    max_new_tokens: int = field(default=0, metadata={"help": "Generation length; 0 = per-task default (VQA 10, caption 30, targeted 30)."})
+
+    # -- threat model and attack
+    eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": "Epsilons ('2/255', 0.0078, 2, or 'world')."})
+    norm: str = field(default="linf", metadata={"help": "linf | l2."})
+    steps: int = field(default=100, metadata={"help": "APGD steps per attack pass."})
+    precision_schedule: list[str] = field(
+        default_factory=lambda: ["half", "float32"],
+        metadata={"help": "Stages, each running every attack pass on the still-unbroken samples; later stages warm-start "
+                          "from the worst perturbation so far. half = fp16 autocast on GPU, bf16 autocast on CPU."},
+    )
+    vqa_targets: list[str] = field(default_factory=lambda: ["Maybe", "Word"], metadata={"help": "VQA: extra targeted passes."})
+    target: str = field(default="https://tinyurl.com/adpo-target", metadata={"help": "targeted: the string the attack tries to make the model output."})
+    caption_break_threshold: float = field(default=0.1, metadata={"help": "caption: a sample with CIDEr below this (pycocoevalcap units; 0.1 = 10 in papers) is broken and no longer attacked."})
+    zeroshot_target_classes: int = field(default=3, metadata={"help": "zeroshot: targeted APGD toward the top-k wrong classes."})
+    step_check_steps: int = field(default=10, metadata={"help": "Re-run the largest epsilon with this many steps to check that more steps never help the model (0 = skip)."})
+
+    # -- execution and output
+    batch_size: int = field(default=16, metadata={"help": "Samples attacked together (per-sample early stop inside)."})
+    seed: int = 0
+    num_examples: int = field(default=4, metadata={"help": "Example panels (clean vs adversarial) in the report."})
+    output_dir: str = field(default="runs/eval", metadata={"help": "Where report.json, report.md and the plots go."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (only on a TTY)."})
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is not one of {TASKS}; set `task:` in the eval config.")
+        unknown = [p for p in self.precision_schedule if p not in PRECISIONS]
+        if unknown or not self.precision_schedule:
+            raise ValueError(f"precision_schedule={self.precision_schedule} must be a non-empty list of {PRECISIONS}.")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1.")
+        if self.batch_size < 1 or self.num_samples < 1:
+            raise ValueError(f"batch_size ({self.batch_size}) and num_samples ({self.num_samples}) must be >= 1.")
+        if not self.eps:
+            raise ValueError("eps must list at least one epsilon, e.g. eps: ['2/255', '4/255'].")
+        self.eps = [str(e) for e in self.eps]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
