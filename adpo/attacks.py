@@ -162,8 +162,9 @@ def apgd_checkpoints(steps: int) -> list[int]:
     fractions = [0.0, 0.22]
     while fractions[-1] < 1.0:
         fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
-    points = sorted({math.ceil(p * steps) for p in fractions[1:] if math.ceil(p * steps) < steps})
-    return [p for p in points if p > 0]
+    # Rounding first keeps float noise (0.57 * 100 = 57.000000000000007) from bumping a checkpoint.
+    points = {math.ceil(round(p * steps, 9)) for p in fractions[1:]}
+    return sorted(p for p in points if 0 < p < steps)
 
 
 def apgd(

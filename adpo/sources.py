@@ -1,0 +1,239 @@
+"""Image sources shared by every stage: an image folder, a Hugging Face dataset, a COCO-style
+annotation file, or the bundled world.
+
+A source is an indexable sequence of :class:`ImageRecord` with stable ``source_id`` strings, so that
+work can be split across processes by index and resumed. Reading an image never raises: a corrupt or
+missing file yields a record with ``image=None`` and ``error`` saying why, for the caller to skip and
+report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from adpo.preprocess import ImageLoadError, load_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class ImageRecord:
+    source_id: str
+    image: Image.Image | None
+    label: int | None = None
+    captions: list[str] = field(default_factory=list)
+    questions: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class ImageSource(Sequence[ImageRecord]):
+    """Base class: subclasses implement ``__len__`` and ``_record(i)``; ``class_names`` when labelled."""
+
+    class_names: list[str] | None = None
+    name: str = "source"
+
+    def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
+        if isinstance(index, slice):
+            raise TypeError("sources are indexed one record at a time")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} with {len(self)} images")
+        return self._record(index)
+
+    def _record(self, index: int) -> ImageRecord:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+def _safe_load(source_id: str, loader: Any) -> tuple[Image.Image | None, str | None]:
+    try:
+        return load_rgb(loader), None
+    except ImageLoadError as error:
+        return None, error.reason
+
+
+class FolderSource(ImageSource):
+    """Every image below ``root`` (sorted, recursive). With ``labelled``, the class of an image is the name
+    of its first-level sub-folder (``root/<class>/...``), as in torchvision's ImageFolder layout."""
+
+    def __init__(self, root: str | os.PathLike, labelled: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist; pass a directory of images")
+        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {self.root}")
+        self.name = f"folder:{self.root}"
+        if labelled:
+            classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths if len(p.relative_to(self.root).parts) > 1})
+            if not classes:
+                raise ValueError(f"labelled folder {self.root} needs one sub-folder per class (root/<class>/<image>)")
+            self.class_names = classes
+            self.paths = [p for p in self.paths if len(p.relative_to(self.root).parts) > 1]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _record(self, index: int) -> ImageRecord:
+        path = self.paths[index]
+        relative = path.relative_to(self.root).as_posix()
+        image, error = _safe_load(relative, path)
+        label = self.class_names.index(path.relative_to(self.root).parts[0]) if self.class_names else None
+        return ImageRecord(source_id=relative, image=image, label=label, error=error)
+
+
+class HFDatasetSource(ImageSource):
+    """A Hugging Face dataset: a ``save_to_disk`` directory, or a hub id (needs network) with ``split``."""
+
+    def __init__(
+        self,
+        path_or_id: str,
+        split: str = "train",
+        image_column: str = "image",
+        label_column: str | None = None,
+        id_column: str | None = None,
+        caption_column: str | None = None,
+    ):
+        import datasets
+
+        if Path(path_or_id).is_dir():
+            loaded = datasets.load_from_disk(path_or_id)
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{path_or_id} has splits {sorted(loaded)}, not {split!r}; set split")
+                loaded = loaded[split]
+        else:
+            loaded = datasets.load_dataset(path_or_id, split=split)
+        for column in (image_column, label_column, id_column, caption_column):
+            if column is not None and column not in loaded.column_names:
+                raise ValueError(f"dataset {path_or_id} has no column {column!r}; its columns are {loaded.column_names}")
+        self.dataset = loaded.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.label_column, self.id_column, self.caption_column = image_column, label_column, id_column, caption_column
+        self.name = f"hf:{path_or_id}[{split}]"
+        if label_column is not None:
+            feature = loaded.features[label_column]
+            self.class_names = list(feature.names) if hasattr(feature, "names") else sorted({str(v) for v in loaded[label_column]})
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _record(self, index: int) -> ImageRecord:
+        row = self.dataset[index]
+        source_id = str(row[self.id_column]) if self.id_column else f"{index:08d}"
+        image, error = _safe_load(source_id, row[self.image_column])
+        label = None
+        if self.label_column is not None:
+            raw = row[self.label_column]
+            label = raw if isinstance(raw, int) else self.class_names.index(str(raw))
+        captions = list(row[self.caption_column]) if self.caption_column else []
+        if self.caption_column and isinstance(row[self.caption_column], str):
+            captions = [row[self.caption_column]]
+        return ImageRecord(source_id=source_id, image=image, label=label, captions=captions, error=error)
+
+
+class CocoSource(ImageSource):
+    """A COCO-style captions file (``images`` with ``id`` and ``file_name``; ``annotations`` with
+    ``image_id`` and ``caption``) and the folder holding the images."""
+
+    def __init__(self, annotation_file: str | os.PathLike, image_root: str | os.PathLike):
+        with open(annotation_file) as handle:
+            try:
+                content = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{annotation_file} is not valid JSON ({error}); pass a COCO captions file") from error
+        if "images" not in content:
+            raise ValueError(f"{annotation_file} has no 'images' list; is it a COCO annotation file?")
+        self.image_root = Path(image_root)
+        self.images = sorted(content["images"], key=lambda image: image["id"])
+        self.captions: dict[Any, list[str]] = {}
+        for annotation in content.get("annotations", []):
+            if "caption" in annotation:
+                self.captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+        self.name = f"coco:{annotation_file}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _record(self, index: int) -> ImageRecord:
+        entry = self.images[index]
+        image, error = _safe_load(str(entry["id"]), self.image_root / entry["file_name"])
+        return ImageRecord(source_id=str(entry["id"]), image=image, captions=self.captions.get(entry["id"], []), error=error)
+
+
+class WorldSource(ImageSource):
+    """The bundled world's procedural images with labels, captions and question/answer pairs."""
+
+    def __init__(self, split: str = "train", n: int | None = None, seed: int = 0):
+        from adpo.world import CLASS_NAMES, load_world_dataset
+
+        self.dataset = load_world_dataset(split, n=n, seed=seed)
+        self.class_names = list(CLASS_NAMES)
+        self.name = f"world:{split}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _record(self, index: int) -> ImageRecord:
+        row = self.dataset[index]
+        image, error = _safe_load(row["id"], row["image"])
+        return ImageRecord(
+            source_id=row["id"], image=image, label=row["label"], captions=list(row["captions"]),
+            questions=list(row["questions"]), answers=list(row["answers"]), error=error,
+        )
+
+
+def open_source(
+    spec: str,
+    *,
+    split: str = "train",
+    n: int | None = None,
+    labelled: bool = False,
+    image_root: str | None = None,
+    **hf_columns: Any,
+) -> ImageSource:
+    """Open an image source from a short spec.
+
+    ``world`` or ``world:<split>`` — the bundled world; a directory with ``dataset_info.json`` or
+    ``dataset_dict.json`` — a saved HF dataset; any other directory — an image folder; a ``.json`` file — a
+    COCO annotation file (``image_root`` defaults to its folder); anything else — a hub dataset id.
+    ``n`` keeps the first n records (the world generates exactly n).
+    """
+    path = Path(spec)
+    if spec == "world" or spec.startswith("world:"):
+        world_split = spec.split(":", 1)[1] if ":" in spec else split
+        return WorldSource(world_split, n=n)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        source: ImageSource = HFDatasetSource(spec, split=split, **hf_columns)
+    elif path.is_dir():
+        source = FolderSource(path, labelled=labelled)
+    elif path.suffix == ".json":
+        if not path.exists():
+            raise FileNotFoundError(f"COCO annotation file {path} does not exist")
+        source = CocoSource(path, image_root or path.parent)
+    elif path.exists():
+        raise ValueError(f"cannot read {spec} as an image source: pass a folder, a saved HF dataset, a COCO .json or 'world'")
+    else:
+        source = HFDatasetSource(spec, split=split, **hf_columns)
+    return source if n is None else Truncated(source, n)
+
+
+class Truncated(ImageSource):
+    """The first ``n`` records of another source."""
+
+    def __init__(self, inner: ImageSource, n: int):
+        self.inner, self.n = inner, min(n, len(inner))
+        self.class_names, self.name = inner.class_names, f"{inner.name}[:{n}]"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _record(self, index: int) -> ImageRecord:
+        return self.inner[index]

@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from adpo.lvlm import (
+    LlavaView,
+    VisionTower,
+    canonical_encoder_state,
+    export_encoder,
+    find_vision_tower,
+    freeze_for_tower_training,
+    load_encoder,
+    put_encoder,
+    save_encoder,
+)
+from adpo.preprocess import load_rgb, to_pixels
+from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
+
+
+def test_tower_features_equal_the_models_own_image_features(tiny):
+    model, processor = tiny
+    view = LlavaView(model, processor)
+    x = random_pixels(3)
+    own = model.model.get_image_features(pixel_values=view.tower.normalize(x)).pooler_output
+    ours = model.model.multi_modal_projector(view.tower.features(x))
+    assert torch.equal(ours, torch.stack(list(own)))
+
+
+def test_answer_scores_match_the_models_own_loss(tiny):
+    model, processor = tiny
+    view = LlavaView(model, processor)
+    x = random_pixels(2)
+    encoded = view.encode(["what color is it ?", "describe the image"], ["red", "a red circle"])
+    scores = view.answer_scores(x, encoded.input_ids, encoded.attention_mask, encoded.labels)
+    reference = model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask, pixel_values=view.tower.normalize(x), labels=encoded.labels).loss
+    assert torch.allclose(-scores.sum_logps.sum() / scores.num_tokens.sum(), reference, atol=1e-5)
+    assert scores.num_tokens.tolist() == [2.0, 4.0]  # answer words + the end-of-turn token
+
+
+def test_preprocessing_matches_the_processor_up_to_normalisation(tiny):
+    _, processor = tiny
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (47, 61, 3), dtype=np.uint8)), Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))]
+    pixels = to_pixels(images, processor)
+    normalised = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    assert pixels.shape == (2, 3, 32, 32)
+    assert torch.allclose((pixels - mean) / std, normalised, atol=1e-5)
+    assert torch.equal((pixels * 255).round() / 255, pixels)  # k/255 exactly: PNG round trips are lossless
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16"])
+def test_image_modes_are_converted_to_rgb(mode, tmp_path):
+    image = Image.new("RGB", (9, 7), (200, 30, 60)).convert(mode)
+    path = tmp_path / f"image.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
+    image.save(path)
+    assert load_rgb(path).mode == "RGB" and load_rgb(path).size == (9, 7)
+
+
+def test_tower_only_training_changes_only_the_tower(tiny):
+    model, processor = tiny
+    report = freeze_for_tower_training(model, processor)
+    assert "post_layernorm.weight" in report.frozen_unreachable
+    assert any(name.startswith("encoder.layers.2.") for name in report.frozen_unreachable)  # after layer -2
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    view = LlavaView(model, processor)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-4)
+    model.train()
+    encoded = view.encode(["what color is it ?"] * 2, ["red", "blue"])
+    scores = view.answer_scores(random_pixels(2), encoded.input_ids, encoded.attention_mask, encoded.labels)
+    (-scores.sum_logps.mean()).backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        tower_name = name.removeprefix("model.vision_tower.")
+        if name.startswith("model.vision_tower.") and tower_name not in report.frozen_unreachable:
+            assert not torch.equal(parameter, before[name]), f"{name} should have changed"
+        else:
+            assert torch.equal(parameter, before[name]), f"{name} must stay bit-identical"
+
+
+def test_pooled_objective_keeps_post_layernorm_trainable(tiny):
+    model, processor = tiny
+    report = freeze_for_tower_training(model, processor, uses=("pooled",))
+    assert report.frozen_unreachable == []
+
+
+def test_encoder_export_put_and_save_round_trip(tiny, tmp_path):
+    model, processor = tiny
+    encoder = export_encoder(model)
+    assert isinstance(encoder, CLIPVisionModel)
+    other, _ = tiny_llava(seed=1)
+    assert not torch.equal(find_vision_tower(other).embeddings.patch_embedding.weight, encoder.embeddings.patch_embedding.weight)
+    put_encoder(other, encoder)
+    for key, value in canonical_encoder_state(model.state_dict()).items():
+        assert torch.equal(find_vision_tower(other).state_dict()[key], value)
+    out = save_encoder(encoder, tmp_path / "encoder", processor, card={"method": "test"})
+    assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists() and (out / "README.md").exists()
+    reloaded = load_encoder(out)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_canonical_state_accepts_old_and_llava_layouts(tiny):
+    model, _ = tiny
+    canonical = canonical_encoder_state(find_vision_tower(model).state_dict())
+    old_layout = {"vision_model." + k: v for k, v in canonical.items()} | {"vision_model.embeddings.position_ids": torch.arange(17)}
+    llava_layout = dict(model.state_dict())
+    assert canonical_encoder_state(old_layout).keys() == canonical.keys()
+    assert canonical_encoder_state(llava_layout).keys() == canonical.keys()
+
+
+def test_mismatched_encoder_is_refused_with_its_keys(tiny):
+    model, _ = tiny
+    wrong = CLIPVisionModel(tiny_vision_config(hidden_size=64))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        put_encoder(model, wrong)
+
+
+def test_model_without_vision_tower_is_refused():
+    language_only = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="has no vision tower"):
+        find_vision_tower(language_only)
+
+
+def test_wrong_resolution_is_refused(tiny):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="to_pixels"):
+        VisionTower.from_lvlm(model, processor).pooled(torch.rand(1, 3, 16, 16))
+
+
+def test_generation_matches_greedy_scores(tiny):
+    model, processor = tiny
+    view = LlavaView(model, processor)
+    x = random_pixels(2, seed=5)
+    answers = view.generate(x, ["what is in the image ?"] * 2, max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adpo.sources import CocoSource, FolderSource, HFDatasetSource, open_source
+
+
+def _write_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), i * 40, dtype=np.uint8)).save(folder / name)
+
+
+def test_labelled_folder_source(tmp_path):
+    _write_images(tmp_path / "cat", ["a.png", "b.png"])
+    _write_images(tmp_path / "dog", ["c.png"])
+    source = FolderSource(tmp_path, labelled=True)
+    assert source.class_names == ["cat", "dog"]
+    assert [source[i].label for i in range(len(source))] == [0, 0, 1]
+    assert source[2].source_id == "dog/c.png"
+
+
+def test_corrupt_images_become_records_with_a_reason(tmp_path):
+    _write_images(tmp_path, ["good.png"])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    source = open_source(str(tmp_path))
+    records = {source[i].source_id: source[i] for i in range(len(source))}
+    assert records["good.png"].image is not None and records["good.png"].error is None
+    assert records["broken.jpg"].image is None and "corrupt" in records["broken.jpg"].error
+
+
+def test_coco_source_groups_captions(tmp_path):
+    _write_images(tmp_path / "images", ["1.jpg", "2.jpg"])
+    annotations = {
+        "images": [{"id": 2, "file_name": "2.jpg"}, {"id": 1, "file_name": "1.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 1, "caption": "uno"}, {"image_id": 2, "caption": "two"}],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    source = CocoSource(tmp_path / "captions.json", tmp_path / "images")
+    assert [source[0].source_id, source[1].source_id] == ["1", "2"]
+    assert source[0].captions == ["one", "uno"]
+
+
+def test_hf_dataset_source_from_disk(tmp_path):
+    import datasets
+
+    images = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (0, 255)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["dark", "light"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1]}, features=features).save_to_disk(tmp_path / "ds")
+    source = open_source(str(tmp_path / "ds"), label_column="label")
+    assert isinstance(source, HFDatasetSource) and source.class_names == ["dark", "light"]
+    assert source[1].label == 1 and source[1].image.mode == "RGB"
+
+
+def test_unknown_column_is_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"picture": ["x"]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(ValueError, match="no column 'image'"):
+        open_source(str(tmp_path / "ds"))
