@@ -1,0 +1,494 @@
+"""Shared machinery of the encoder-only adversarial fine-tuning baselines (FARE, TeCoA, Sim-CLIP).
+
+Each baseline is a :class:`transformers.Trainer` whose ``compute_loss`` first runs the inner attack
+(:func:`adpo.attacks.pgd` on the method's own objective, inside one :class:`adpo.threat.ThreatModel`)
+and then the method's loss (:mod:`adpo.losses.encoder`) on the adversarial images. The Trainer
+brings checkpoints, resume, gradient accumulation, mixed precision and accelerate (DDP, DeepSpeed,
+FSDP) for free.
+
+What is trained is always a CLIP vision encoder, whether it was given standalone (a
+``CLIPVisionModel`` or ``CLIPModel`` directory / hub id, ``world:clip``) or taken out of an LVLM
+(``llava-hf/...``, ``world:small``): the LVLM's tower is copied out as a ``CLIPVisionModel`` with the
+LVLM's feature layer and CLS strategy, and the language model is dropped (none of these objectives
+uses it). Every checkpoint and the final result are written in the interchange format
+(:func:`adpo.lvlm.save_encoder`: a ``CLIPVisionModel`` directory plus a card saying how it was trained),
+so any of them drops into ``adpo transfer`` and ``adpo eval``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, CLIPModel, CLIPVisionModel, Trainer, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+import adpo
+from adpo.attacks import AttackResult, pgd
+from adpo.lvlm import (
+    VisionTower,
+    canonical_encoder_state,
+    export_encoder,
+    load_lvlm,
+    put_encoder,
+    save_encoder,
+    unreachable_tower_parameters,
+)
+from adpo.objectives import Objective
+from adpo.preprocess import image_processor_of, to_pixels
+from adpo.sources import ImageRecord, ImageSource, open_source
+from adpo.threat import ThreatModel, parse_eps
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS = ("pooled", "llm")
+WORLD_CLIP = "world:clip"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class EncoderTrainingConfig(TrainingArguments):
+    """Options shared by FARE, TeCoA and Sim-CLIP, on top of :class:`transformers.TrainingArguments`.
+
+    Defaults follow the published recipe (FARE, Schlarmann et al. 2024; TeCoA, Mao et al. 2023):
+    ℓ∞ ε = 2/255, PGD-10 with step 1/255, AdamW lr 1e-5, weight decay 1e-4, cosine schedule with 7 %
+    warm-up, effective batch 128 (per-device batch × gradient accumulation × processes).
+    """
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The encoder to train: a CLIPVisionModel or CLIPModel dir/hub id, 'world:clip', or an "
+                          "LVLM (llava-hf/..., 'world:small') whose vision tower is trained."},
+    )
+    embedding: str = field(
+        default="pooled",
+        metadata={"help": "Embedding the loss and the attack use: 'pooled' (post-layernorm CLS, as published) or "
+                          "'llm' (the feature-layer patch tokens the LLM consumes)."},
+    )
+    feature_layer: int | None = field(
+        default=None, metadata={"help": "Hidden-state index of the LLM features (default: the LVLM's, else -2)."}
+    )
+    select_strategy: str | None = field(
+        default=None, metadata={"help": "'default' drops the CLS token, 'full' keeps it (default: the LVLM's)."}
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Training images: 'world', an image folder (class sub-folders give labels), a saved HF "
+                          "dataset directory or a hub dataset id."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the images."})
+    label_column: str = field(default="label", metadata={"help": "Column holding class indices (TeCoA)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
+    norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
+    eps: str = field(
+        default="2/255", metadata={"help": "Radius: '2/255', 0.0078, 2 (read as 255ths) or 'world' (the world's)."}
+    )
+    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack."})
+    attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as eps)."})
+    attack_momentum: float = field(
+        default=0.9, metadata={"help": "PGD momentum on mean-|g|-normalised gradients (FARE's training code); 0 = plain."}
+    )
+    attack_random_start: bool = field(default=True, metadata={"help": "Start the attack uniformly in the ball."})
+    model_dtype: str | None = field(
+        default=None, metadata={"help": "Load the encoder in this dtype (float32 if unset; use bf16=true for AMP)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
+
+    # TrainingArguments defaults replaced by the published recipe
+    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final encoder go."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.07, metadata={"help": "Warm-up steps (< 1: fraction of all steps)."})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Images per device per micro-batch."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training images."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimiser steps."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N optimiser steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the images."})
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path is None:
+            raise ValueError("model_name_or_path is required: a CLIP vision model, 'world:clip', or an LVLM id/dir")
+        if self.dataset is None:
+            raise ValueError("dataset is required: 'world', an image folder, a saved HF dataset dir or a hub id")
+        if self.output_dir is None:
+            raise ValueError("output_dir is required: where checkpoints and the final encoder are written")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.attack_steps < 0:
+            raise ValueError(f"attack_steps must be >= 0, got {self.attack_steps}")
+        super().__post_init__()
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(
+            norm=self.norm,
+            eps=resolve_eps(self.eps),
+            step_size=parse_eps(self.attack_step_size),
+            random_start=self.attack_random_start,
+        )
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
+
+
+def resolve_eps(value: str | float) -> float:
+    """ε from a config value; ``"world"`` means the bundled world's working ε."""
+    if isinstance(value, str) and value.strip().lower() == "world":
+        from adpo.world import world_config
+
+        return parse_eps(world_config()["working_eps"])
+    return parse_eps(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainable module
+# ----------------------------------------------------------------------------------------------------
+class TowerEmbedding(nn.Module):
+    """Pixels in [0, 1] -> the embedding a method trains on: the tower's pooled embedding or its LLM
+    features, optionally followed by a frozen head (TeCoA's visual projection into the text space).
+
+    This is the module the Trainer wraps (DDP, DeepSpeed, ...), so the training forward goes through the
+    wrapper; attacks get the unwrapped module."""
+
+    def __init__(self, tower: VisionTower, embedding: str = "pooled", head: nn.Module | None = None):
+        super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.tower = tower
+        self.embedding = embedding
+        self.head = head
+        if head is not None:
+            head.requires_grad_(False)
+
+    @property
+    def encoder(self) -> CLIPVisionModel:
+        return self.tower.encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embedding = self.tower.embed(pixel_values, self.embedding)
+        return embedding if self.head is None else self.head(embedding.to(self.head.weight.dtype))
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder ready for training, with what is needed to see it as an LLM sees it."""
+
+    encoder: CLIPVisionModel
+    image_processor: Any
+    feature_layer: int | list[int]
+    select_strategy: str
+    source: dict  # for the card: where it came from
+    clip_model: CLIPModel | None = None  # set when the source was a full CLIPModel (its text tower serves TeCoA)
+    clip_processor: Any = None  # its processor (tokenizer for the class prompts)
+
+
+def _vision_part(clip: CLIPModel) -> CLIPVisionModel:
+    encoder = CLIPVisionModel(clip.config.vision_config)
+    put_encoder(encoder, {k: v for k, v in clip.state_dict().items() if k.startswith("vision_model.")})
+    return encoder.to(clip.dtype)
+
+
+def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
+    """Load ``config.model_name_or_path`` as a standalone CLIPVisionModel plus its preprocessing."""
+    name = config.model_name_or_path
+    dtype = _dtype(config.model_dtype)
+    feature_layer, strategy = -2, "default"
+    clip_model = clip_processor = None
+    if name == WORLD_CLIP:
+        from adpo.world import load_world_clip
+
+        clip_model, processor = load_world_clip()
+        encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
+    else:
+        model_type = None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
+        if model_type == "clip_vision_model":
+            from transformers import AutoImageProcessor
+
+            encoder, kind = CLIPVisionModel.from_pretrained(name, dtype=dtype), "clip_vision_model"
+            processor = AutoImageProcessor.from_pretrained(name)
+        elif model_type == "clip":
+            from transformers import AutoProcessor
+
+            clip_model = CLIPModel.from_pretrained(name, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(name)
+            encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
+        else:
+            lvlm, processor = load_lvlm(name, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            feature_layer = getattr(lvlm.config, "vision_feature_layer", -2)
+            strategy = getattr(lvlm.config, "vision_feature_select_strategy", "default")
+            encoder, kind = export_encoder(lvlm), "lvlm"
+            del lvlm  # the language model is not used by encoder-only objectives
+    if config.feature_layer is not None:
+        feature_layer = config.feature_layer
+    if config.select_strategy is not None:
+        strategy = config.select_strategy
+    if dtype is not None:
+        encoder = encoder.to(dtype)
+    source = {"base_model": name, "base_kind": kind, "feature_layer": feature_layer, "select_strategy": strategy}
+    return LoadedEncoder(encoder, image_processor_of(processor), feature_layer, strategy, source, clip_model, clip_processor)
+
+
+def _model_type(name: str, trust_remote_code: bool) -> str | None:
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot read a model config from {name!r} ({error}); pass a CLIPVisionModel/CLIPModel/LVLM directory, "
+            "a hub id, 'world:clip' or 'world:small'"
+        ) from error
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in names:
+        raise ValueError(f"model_dtype must be one of {sorted(names)}, got {name!r}")
+    return names[name]
+
+
+def build_tower_embedding(loaded: LoadedEncoder, embedding: str, head: nn.Module | None = None) -> TowerEmbedding:
+    """The trainable module; encoder parameters no gradient of ``embedding`` can reach are frozen
+    (with 'llm' features from layer -2, the last block and the post-layernorm) so DDP and weight decay
+    never see parameters without gradients."""
+    tower = VisionTower.from_encoder(loaded.encoder, loaded.image_processor, loaded.feature_layer, loaded.select_strategy)
+    unreachable = set(unreachable_tower_parameters(tower, uses=("pooled" if embedding == "pooled" else "llm",)))
+    for name, parameter in tower.encoder.named_parameters():
+        parameter.requires_grad_(name not in unreachable)
+    return TowerEmbedding(tower, embedding, head)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+def load_training_images(config: EncoderTrainingConfig, need_labels: bool = False) -> ImageSource:
+    """The training images as an :class:`adpo.sources.ImageSource` (labelled when ``need_labels``)."""
+    source = open_source(
+        config.dataset,
+        split=config.dataset_split,
+        n=config.max_train_samples,
+        labelled=need_labels,
+        image_column=config.image_column,
+        label_column=config.label_column if need_labels else None,
+    )
+    if len(source) == 0:
+        raise ValueError(f"dataset {config.dataset!r} (split {config.dataset_split!r}) holds no images")
+    if need_labels and not source.class_names:
+        raise ValueError(
+            f"dataset {config.dataset!r} has no class labels; TeCoA needs them: use an image folder with one "
+            "sub-folder per class, a HF dataset with a label column (set label_column), or 'world'"
+        )
+    return source
+
+
+@dataclass
+class PixelCollator:
+    """Image records -> ``pixel_values`` in [0, 1] at the encoder's resolution (and ``labels``).
+
+    Records whose image could not be read (``record.error``) are dropped from the batch with a warning."""
+
+    image_processor: Any
+    with_labels: bool = False
+
+    def __call__(self, records: Sequence[ImageRecord]) -> dict[str, torch.Tensor]:
+        readable = [record for record in records if record.image is not None]
+        for record in records:
+            if record.image is None:
+                logger.warning("skipping unreadable image %s: %s", record.source_id, record.error)
+        if not readable:
+            raise ValueError(f"no readable image in a batch of {len(records)} (first error: {records[0].error})")
+        batch = {"pixel_values": to_pixels([record.image for record in readable], self.image_processor)}
+        if self.with_labels:
+            if any(record.label is None for record in readable):
+                raise ValueError("a training image has no label; TeCoA needs a labelled source")
+            batch["labels"] = torch.tensor([record.label for record in readable], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------------
+class EncoderAdversarialTrainer(Trainer):
+    """A Trainer whose loss is "inner attack, then the method's loss on the adversarial images".
+
+    Subclasses implement :meth:`attack_objective` (what PGD maximises) and :meth:`adversarial_loss`
+    (what the optimiser minimises); :meth:`prepare_batch` computes per-batch constants both need
+    (e.g. FARE's reference embeddings). The attack's random start is seeded from (seed, step,
+    micro-batch, process), so a resumed run draws the same starts as an uninterrupted one.
+    """
+
+    method: str = ""
+    #: formula written into the card
+    objective_description: str = ""
+    #: whether batches carry class labels (TeCoA)
+    needs_labels: bool = False
+
+    def __init__(
+        self,
+        model: TowerEmbedding,
+        args: EncoderTrainingConfig,
+        train_dataset=None,
+        image_processor: Any = None,
+        source: dict | None = None,
+        **kwargs: Any,
+    ):
+        if image_processor is None:
+            raise ValueError("image_processor is required: it sets the resolution and is saved beside the encoder")
+        kwargs.setdefault(
+            "data_collator",
+            PixelCollator(image_processor, with_labels=self.needs_labels),
+        )
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.image_processor = image_processor
+        self.source = dict(source or {})
+        self.threat = args.threat
+        self._micro_step = (-1, 0)  # (global step, micro-batches attacked during it)
+
+    # --- method hooks -------------------------------------------------------------------------------
+    def prepare_batch(self, module: TowerEmbedding, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {}
+
+    def attack_objective(self, module: TowerEmbedding, inputs: dict[str, torch.Tensor], context: dict) -> Objective:
+        raise NotImplementedError
+
+    def adversarial_loss(self, embedding: torch.Tensor, inputs: dict[str, torch.Tensor], context: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the step ----------------------------------------------------------------------------------
+    def attack(self, module: TowerEmbedding, inputs: dict[str, torch.Tensor], context: dict) -> AttackResult:
+        """The inner maximisation: PGD on the method's objective, run to the last step (no early stop)."""
+        return pgd(
+            self.attack_objective(module, inputs, context),
+            inputs["pixel_values"],
+            self.threat,
+            self.args.attack_steps,
+            momentum=self.args.attack_momentum,
+            early_stop=False,
+            generator=self._attack_generator(inputs["pixel_values"].device),
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        module = self.accelerator.unwrap_model(model)
+        context = self.prepare_batch(module, inputs)
+        x_adv = self.attack(module, inputs, context).x_adv
+        embedding = model(x_adv)  # through the (possibly distributed) wrapper, so gradients synchronise
+        loss = self.adversarial_loss(embedding, inputs, context)
+        return (loss, embedding) if return_outputs else loss
+
+    def _attack_generator(self, device: torch.device) -> torch.Generator:
+        step, micro = self._micro_step
+        micro = micro + 1 if step == self.state.global_step else 0
+        self._micro_step = (self.state.global_step, micro)
+        key = f"{self.args.seed}/{self.state.global_step}/{micro}/{self.args.process_index}".encode()
+        return torch.Generator(device=device).manual_seed(zlib.crc32(key))
+
+    # --- the interchange format --------------------------------------------------------------------
+    def card(self) -> dict:
+        """How this encoder was trained (stored as adpo_card.json beside the weights)."""
+        args = self.args
+        return {
+            "method": self.method,
+            "objective": self.objective_description,
+            **self.source,
+            "embedding": args.embedding,
+            "threat_model": self.threat.describe(),
+            "norm": self.threat.norm,
+            "eps": self.threat.eps,
+            "attack": {"name": "pgd", "steps": args.attack_steps, "step_size": self.threat.alpha,
+                       "momentum": args.attack_momentum, "random_start": args.attack_random_start},
+            "optimizer": {"name": str(args.optim), "learning_rate": args.learning_rate,
+                          "weight_decay": args.weight_decay, "scheduler": str(args.lr_scheduler_type),
+                          "warmup_steps": args.warmup_steps},
+            "effective_batch_size": args.effective_batch_size,
+            "optimizer_steps": self.state.global_step,
+            "images_seen": self.state.global_step * args.effective_batch_size,
+            "dataset": args.dataset,
+            "dataset_split": args.dataset_split,
+            "train_images": len(self.train_dataset) if self.train_dataset is not None else None,
+            "seed": args.seed,
+            "adpo_version": adpo.__version__,
+        }
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model are CLIPVisionModel directories with a card."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        module = self.accelerator.unwrap_model(self.model)
+        encoder: nn.Module = module.encoder
+        if state_dict is not None:  # gathered by DeepSpeed / FSDP: keep the encoder's part
+            prefix = "tower.encoder."
+            encoder = CLIPVisionModel(module.encoder.config)
+            put_encoder(encoder, canonical_encoder_state(
+                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            ))
+        _save_encoder_into(encoder, Path(output_dir), self.image_processor, self.card())
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        put_encoder(module.encoder, resume_from_checkpoint)  # strict: refuses missing or extra keys
+
+
+def _save_encoder_into(encoder: nn.Module, out_dir: Path, image_processor: Any, card: dict) -> None:
+    """save_encoder into ``out_dir`` without removing what else lives there (the run's checkpoints).
+
+    save_encoder replaces its target directory as a whole; this writes to a sibling staging directory
+    and moves the files in one by one (each move atomic).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".encoder-", dir=out_dir.parent))
+    try:
+        save_encoder(encoder, staging / "encoder", image_processor, card)
+        for item in (staging / "encoder").iterdir():
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """``resume_from_checkpoint``: a checkpoint directory, or 'true'/'last' for the newest in output_dir."""
+    if value is None or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    if str(value).lower() in ("true", "yes", "last"):
+        return True
+    return value
+
+
+def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
+    """Train (resuming when asked) and write the final encoder into output_dir."""
+    resume = resume_argument(trainer.args.resume_from_checkpoint)
+    if resume is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(trainer.args.output_dir)
+        if resume is None:
+            logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    return Path(trainer.args.output_dir)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A frozen, eval-mode deep copy (FARE's φ_orig)."""
+    clone = copy.deepcopy(module).eval()
+    clone.requires_grad_(False)
+    return clone
