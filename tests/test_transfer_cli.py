@@ -1,0 +1,116 @@
+"""`adpo transfer` end to end on tiny models; verification, robust accuracy and projector re-alignment."""
+
+import json
+
+import torch
+from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
+
+from adpo.lvlm import export_encoder, find_vision_tower, load_encoder, save_encoder
+from adpo.preprocess import to_uint8_images
+from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
+from adpo.threat import ThreatModel
+from transfer.cli import main
+from transfer.graft import component_hashes
+from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file
+from transfer.realign import RealignConfig, realign_projector
+from transfer.verify import Sample, answer_agreement, robust_vqa_accuracy
+
+
+def write_lvlm(model, processor, path):
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def image_folder(path, n=4):
+    path.mkdir()
+    for i, image in enumerate(to_uint8_images(random_pixels(n, seed=7))):
+        image.save(path / f"{i}.png")
+    return str(path)
+
+
+def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
+    small, small_processor = tiny_llava(seed=0, text_hidden_size=48)
+    large, large_processor = tiny_llava(seed=1, text_hidden_size=64, text_layers=3)
+    save_encoder(export_encoder(small), tmp_path / "encoder", small_processor.image_processor, {"method": "test"})
+    target = write_lvlm(large, large_processor, tmp_path / "target")
+    out = tmp_path / "grafted"
+    argv = ["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(out),
+            "--verify-data", image_folder(tmp_path / "images"), "--verify-samples", "4", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    report = json.loads((out / "graft_report.json").read_text())
+    assert report["donor"]["kind"] == "encoder directory" and report["donor"]["card"] == {"method": "test"}
+    assert {c["status"] for c in report["graft"]["checks"]} == {"ok"}
+    hashes = report["graft"]["parameter_hashes"]
+    assert hashes["before"]["language_model"] == hashes["after"]["language_model"]
+    assert hashes["before"]["vision_tower"] != hashes["after"]["vision_tower"]
+    verification = report["verification"]
+    # the donor encoder and the grafted tower are the same weights on the same pixels
+    assert verification["tower_cosine_llm_features_min"] > 0.9999
+    assert verification["num_samples"] == 4 and 0.0 <= verification["answer_agreement_exact"] <= 1.0
+    assert "Geometry checks" in (out / "graft_report.md").read_text()
+    LlavaForConditionalGeneration.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+    # a second run into the same directory is refused without --overwrite
+    assert main(argv) == 1
+
+
+def test_cli_check_only_reports_mismatch_with_exit_code(tmp_path, capsys):
+    model, processor = tiny_llava()
+    encoder = CLIPVisionModel(tiny_vision_config(layers=2))
+    save_encoder(encoder, tmp_path / "encoder", processor.image_processor)
+    target = write_lvlm(model, processor, tmp_path / "target")
+    code = main(["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(tmp_path / "o"), "--check-only"])
+    assert code == 1
+    assert "[mismatch] layers: donor 2 | target 3" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_round_trip_and_open_clip_donor(tmp_path, capsys):
+    encoder = CLIPVisionModel(tiny_vision_config()).eval()
+    state = clip_vision_model_to_openclip(encoder)
+    save_state_dict_file(state, tmp_path / "visual.safetensors")
+    assert main(["convert", "--from-open-clip", str(tmp_path / "visual.safetensors"), "--activation", "quick_gelu",
+                 "--num-attention-heads", "4", "--openai-normalisation", "--out", str(tmp_path / "enc")]) == 0
+    assert torch.equal(load_encoder(tmp_path / "enc").embeddings.position_embedding.weight,
+                       encoder.embeddings.position_embedding.weight)
+    assert main(["convert", "--to-open-clip", str(tmp_path / "enc"), "--out", str(tmp_path / "back.safetensors")]) == 0
+    back = load_state_dict_file(tmp_path / "back.safetensors")
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    # an open_clip file grafts directly, once its activation is stated
+    model, processor = tiny_llava()
+    target = write_lvlm(model, processor, tmp_path / "target")
+    base = ["--encoder", str(tmp_path / "visual.safetensors"), "--target", target, "--out", str(tmp_path / "g")]
+    assert main(base) == 1 and "--activation" in capsys.readouterr().err
+    assert main(base + ["--activation", "quick_gelu", "--num-attention-heads", "4"]) == 0
+    grafted = LlavaForConditionalGeneration.from_pretrained(tmp_path / "g")
+    assert torch.equal(find_vision_tower(grafted).embeddings.patch_embedding.weight, encoder.embeddings.patch_embedding.weight)
+
+
+def test_answer_agreement_and_accuracies():
+    samples = [Sample(None, "q", ["red"]), Sample(None, "q", ["blue"]), Sample(None, "q", None)]
+    result = answer_agreement(["red", "Blue.", "x"], ["red", "blue", "y"], samples)
+    assert result["answer_agreement_exact"] == 1 / 3 and result["answer_agreement_normalised"] == 2 / 3
+    assert result["vqa_accuracy_original"] == 1.0 and result["vqa_accuracy_grafted"] == 1.0
+
+
+def test_robust_accuracy_never_exceeds_clean():
+    model, processor = tiny_llava(seed=4)
+    images = to_uint8_images(random_pixels(2, seed=3))
+    samples = [Sample(image, "what color is the circle ?", ["red"]) for image in images]
+    result = robust_vqa_accuracy(model, processor, samples, ThreatModel(eps=8 / 255), steps=2, max_new_tokens=2)
+    assert result["num_samples"] == 2
+    assert 0.0 <= result["vqa_accuracy_robust"] <= result["vqa_accuracy_clean"] <= 1.0
+
+
+def test_realign_trains_only_the_projector_and_lowers_caption_loss():
+    model, processor = tiny_llava(seed=5)
+    images = to_uint8_images(random_pixels(4, seed=9))
+    samples = [Sample(image, "q", None, "a red circle on the left") for image in images]
+    before = component_hashes(model)
+    stats = realign_projector(model, processor, samples, RealignConfig(steps=20, learning_rate=1e-2, batch_size=4))
+    after = component_hashes(model)
+    assert after["projector"] != before["projector"]
+    assert after["vision_tower"] == before["vision_tower"] and after["language_model"] == before["language_model"]
+    assert stats["caption_loss_last"] < stats["caption_loss_first"]
+    assert all(p.requires_grad for p in model.parameters())  # requires_grad flags restored as they were

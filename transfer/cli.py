@@ -1,0 +1,202 @@
+"""``adpo transfer``: graft an encoder into an LVLM (and verify it); ``adpo transfer convert``: formats.
+
+    adpo transfer --encoder DIR|FILE|world:small --target MODEL --out DIR [--config configs/transfer/X.yaml]
+    adpo transfer convert --from-open-clip FILE --activation quick_gelu --out ENCODER_DIR
+    adpo transfer convert --to-open-clip ENCODER_DIR --out FILE.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# OpenAI CLIP's normalisation constants (also LLaVA-1.5's, FARE's and TeCoA's).
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass
+class TransferConfig:
+    encoder: str = field(metadata={"help": "donor: encoder directory, open_clip .safetensors/.pt file, or an LVLM (world:small, dir, hub id)"})
+    target: str = field(metadata={"help": "target LVLM: hub id, local directory, or world:large"})
+    out: str = field(metadata={"help": "output model directory (written atomically)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    check_only: bool = field(default=False, metadata={"help": "print the geometry checks and exit (0 = compatible)"})
+    dtype: str | None = field(default=None, metadata={"help": "load the target in this dtype (float32, bfloat16, float16)"})
+    device: str | None = field(default=None, metadata={"help": "device for the target (e.g. cuda); default: as loaded"})
+    # donor description (open_clip files carry no config)
+    activation: str | None = field(default=None, metadata={"help": "open_clip donors: quick_gelu (OpenAI CLIP, FARE, TeCoA) or gelu (LAION)"})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "open_clip donors: head count (default hidden/64)"})
+    donor_image_mean: list[float] | None = field(default=None, metadata={"help": "the donor's normalisation mean, if it ships none"})
+    donor_image_std: list[float] | None = field(default=None, metadata={"help": "the donor's normalisation std, if it ships none"})
+    # explicit fixes
+    interpolate_positions: bool = field(default=False, metadata={"help": "bicubically resample donor position embeddings to the target's grid"})
+    fold_normalisation: bool = field(default=False, metadata={"help": "fold a mean/std difference into the patch embedding"})
+    adopt_donor_activation: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's activation"})
+    adopt_donor_layer_norm_eps: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's layer-norm eps"})
+    # verification
+    verify_data: str | None = field(default=None, metadata={"help": "world:SPLIT or a datasets directory (image, question(s), answer(s))"})
+    verify_samples: int = field(default=32, metadata={"help": "number of images to verify on"})
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    robust_eps: str | None = field(default=None, metadata={"help": "also measure robust VQA accuracy at this eps (e.g. 4/255)"})
+    robust_norm: str = "linf"
+    robust_steps: int = 10
+    # projector re-alignment (reported separately; saved to its own directory)
+    realign_out: str | None = field(default=None, metadata={"help": "also save a projector-re-aligned copy here"})
+    realign_data: str | None = field(default=None, metadata={"help": "caption data: world:SPLIT or a datasets directory"})
+    realign_samples: int = 256
+    realign_steps: int = 100
+    realign_learning_rate: float = 1e-4
+    realign_batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class ConvertConfig:
+    out: str = field(metadata={"help": "encoder directory (from open_clip) or .safetensors file (to open_clip)"})
+    from_open_clip: str | None = field(default=None, metadata={"help": "open_clip visual (or full CLIP) state dict file"})
+    to_open_clip: str | None = field(default=None, metadata={"help": "CLIPVisionModel directory to export as open_clip"})
+    activation: str | None = field(default=None, metadata={"help": "quick_gelu (OpenAI CLIP, FARE, TeCoA) or gelu (LAION)"})
+    num_attention_heads: int | None = None
+    image_mean: list[float] | None = field(default=None, metadata={"help": "normalisation the encoder was trained with"})
+    image_std: list[float] | None = None
+    openai_normalisation: bool = field(default=False, metadata={"help": "shorthand for OpenAI CLIP's mean/std"})
+
+
+def _parse(dataclass_type, argv: list[str]):
+    from trl import TrlParser
+
+    (config,) = TrlParser([dataclass_type]).parse_args_and_config(argv)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "convert":
+            return convert(_parse(ConvertConfig, argv[1:]))
+        return transfer(_parse(TransferConfig, argv))
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"adpo transfer: {error}", file=sys.stderr)
+        return 1
+
+
+def transfer(config: TransferConfig) -> int:
+    from adpo.lvlm import LlavaView, VisionTower, load_lvlm
+    from adpo.threat import ThreatModel, parse_eps
+    from transfer.geometry import GraftOptions
+    from transfer.graft import check_donor, ensure_writable, graft_encoder, grafted_summary, load_donor, save_grafted
+    from transfer.realign import RealignConfig, realign_projector
+    from transfer.verify import answer_agreement, generate_answers, load_samples, robust_vqa_accuracy, tower_agreement
+
+    out = Path(config.out)
+    if config.realign_out and not config.realign_data:
+        raise ValueError("--realign-out needs --realign-data (caption data other than the verification images, e.g. world:train)")
+    if not config.check_only:
+        ensure_writable(out, config.overwrite)
+        if config.realign_out:
+            ensure_writable(Path(config.realign_out), config.overwrite)
+    model, processor = load_lvlm(config.target, dtype=config.dtype)
+    if config.device:
+        model = model.to(config.device)
+    donor = load_donor(config.encoder, activation=config.activation, num_attention_heads=config.num_attention_heads,
+                       image_mean=config.donor_image_mean, image_std=config.donor_image_std)
+    options = GraftOptions(config.interpolate_positions, config.fold_normalisation, config.adopt_donor_activation,
+                           config.adopt_donor_layer_norm_eps)
+    geometry = check_donor(model, processor, donor, options)
+    for check in geometry.checks:
+        print(f"[{check.status:>8}] {check.name}: donor {check.donor} | target {check.target}"
+              + (f"\n           {check.message}" if check.message else ""))
+    if config.check_only:
+        return 0 if geometry.ok else 1
+    geometry.raise_if_incompatible()
+
+    threat = ThreatModel(norm=config.robust_norm, eps=parse_eps(config.robust_eps)) if config.robust_eps else None
+    samples = load_samples(config.verify_data, config.verify_samples) if config.verify_data else []
+    original_answers, robust_before = [], None
+    if samples:
+        original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers")
+        if threat:
+            robust_before = robust_vqa_accuracy(model, processor, samples, threat, config.robust_steps,
+                                                config.max_new_tokens, config.batch_size, config.seed)
+
+    outcome = graft_encoder(model, processor, donor, options)
+    report = grafted_summary(outcome, donor, config.target, out)
+
+    def verification() -> dict:
+        grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
+        section = answer_agreement(original_answers, grafted, samples)
+        if threat:
+            after = robust_vqa_accuracy(model, processor, samples, threat, config.robust_steps, config.max_new_tokens,
+                                        config.batch_size, config.seed)
+            section |= {f"original_{k}": v for k, v in robust_before.items()} | {f"grafted_{k}": v for k, v in after.items()}
+        return section
+
+    if samples:
+        target_tower = VisionTower.from_lvlm(model, processor)
+        donor_tower = VisionTower(
+            donor.encoder.to(LlavaView(model, processor).device), donor.image_mean or target_tower.mean.flatten().tolist(),
+            donor.image_std or target_tower.std.flatten().tolist(), donor.encoder.config.image_size,
+            target_tower.feature_layer, target_tower.select_strategy,
+        )
+        report["verification"] = tower_agreement(donor_tower, target_tower, [s.image for s in samples],
+                                                 donor.image_processor, processor, config.batch_size) | verification()
+    save_grafted(model, processor, out, report, overwrite=config.overwrite)
+    print(f"grafted model written to {out} (report: {out / 'graft_report.md'})")
+    _print_numbers(report.get("verification"))
+
+    if config.realign_out:
+        captions = load_samples(config.realign_data, config.realign_samples)
+        training = realign_projector(model, processor, captions, RealignConfig(
+            config.realign_steps, config.realign_learning_rate, config.realign_batch_size, seed=config.seed))
+        report["realignment"] = training | (verification() if samples else {})
+        report["out_dir"] = config.realign_out
+        save_grafted(model, processor, config.realign_out, report, overwrite=config.overwrite)
+        print(f"projector-re-aligned model written to {config.realign_out}")
+        _print_numbers(report["realignment"])
+    return 0
+
+
+def _print_numbers(section: dict | None) -> None:
+    if section:
+        print(json.dumps({k: v for k, v in section.items() if isinstance(v, (int, float, str))}, indent=1))
+
+
+def convert(config: ConvertConfig) -> int:
+    from transformers import CLIPImageProcessor
+
+    from adpo.lvlm import load_encoder, save_encoder
+    from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, openclip_to_clip_vision_model, save_state_dict_file
+
+    if bool(config.from_open_clip) == bool(config.to_open_clip):
+        raise ValueError("pass exactly one of --from-open-clip FILE or --to-open-clip DIR")
+    if config.to_open_clip:
+        state = clip_vision_model_to_openclip(load_encoder(config.to_open_clip))
+        print(f"wrote {save_state_dict_file(state, config.out)} ({len(state)} tensors, open_clip visual layout)")
+        return 0
+    if config.activation is None:
+        raise ValueError("--activation is required: quick_gelu (OpenAI CLIP, FARE, TeCoA) or gelu (LAION open_clip)")
+    conversion = openclip_to_clip_vision_model(load_state_dict_file(config.from_open_clip), hidden_act=config.activation,
+                                               num_attention_heads=config.num_attention_heads)
+    mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if config.openai_normalisation else (config.image_mean, config.image_std)
+    processor = None
+    if mean is not None and std is not None:
+        size = conversion.config.image_size
+        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                       image_mean=mean, image_std=std)
+    card = {"converted_from": config.from_open_clip, "format": "open_clip visual state dict", "activation": config.activation,
+            "unused_keys": conversion.unused, "assumptions": conversion.assumptions,
+            "normalisation": "unknown (pass --image-mean/--image-std)" if processor is None else {"mean": mean, "std": std}}
+    save_encoder(conversion.model, config.out, processor, card)
+    print(f"wrote encoder directory {config.out}: {conversion.config.num_hidden_layers} layers, hidden "
+          f"{conversion.config.hidden_size}, {conversion.config.image_size} px; unused keys: {sorted(conversion.unused)}")
+    for note in conversion.assumptions:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
