@@ -66,6 +66,11 @@ class TowerGeometry:
     ) -> "TowerGeometry":
         config = encoder.config
         state = canonical_encoder_state(encoder.state_dict())
+        if "embeddings.class_embedding" not in state or "embeddings.position_embedding.weight" not in state:
+            raise ValueError(
+                f"{type(encoder).__name__} is not a CLIP vision tower (no class/position embedding); adpo transfer "
+                "grafts CLIP ViT towers (LLaVA-1.5 family)"
+            )
         positions = state["embeddings.position_embedding.weight"]
         patch = state["embeddings.patch_embedding.weight"]
         layers = {key.split(".")[2] for key in state if key.startswith("encoder.layers.")}

@@ -44,6 +44,8 @@ from transfer.openclip import load_state_dict_file, openclip_to_clip_vision_mode
 
 REPORT_JSON, REPORT_MD = "graft_report.json", "graft_report.md"
 COMPONENTS = ("vision_tower", "projector", "language_model")
+# config model types whose directory is read as a standalone encoder (anything else: an LVLM)
+ENCODER_MODEL_TYPES = ("clip_vision_model", "clip")
 
 
 @dataclass
@@ -77,16 +79,19 @@ def load_donor(
     path = Path(text)
     record: dict[str, Any] = {"source": text}
     processor = None
-    if text.startswith(WORLD_PREFIX) or (path.is_dir() and _model_type(path) not in (None, "clip_vision_model", "clip")):
+    model_type = _model_type(path) if path.exists() or text.startswith(WORLD_PREFIX) else _hub_model_type(text)
+    if text.startswith(WORLD_PREFIX) or model_type not in (None, *ENCODER_MODEL_TYPES):
         model, lvlm_processor = load_lvlm(text)
         encoder = export_encoder(model).float()
         processor = image_processor_of(lvlm_processor)
         record["kind"] = "lvlm tower"
         del model
-    elif path.is_dir():
-        encoder = load_encoder(path)
-        if (path / "preprocessor_config.json").is_file():
-            processor = CLIPImageProcessor.from_pretrained(path)
+    elif path.is_dir() or model_type in ENCODER_MODEL_TYPES:
+        encoder = load_encoder(text)
+        try:
+            processor = CLIPImageProcessor.from_pretrained(text)
+        except OSError:  # no preprocessor config: the normalisation stays unknown (reported as assumed)
+            processor = None
         if (path / "adpo_card.json").is_file():
             record["card"] = json.loads((path / "adpo_card.json").read_text())
         record["kind"] = "encoder directory"
@@ -115,6 +120,15 @@ def load_donor(
 def _model_type(path: Path) -> str | None:
     config = path / "config.json"
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
+def _hub_model_type(name: str) -> str | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- hashing
