@@ -1,0 +1,50 @@
+"""Every shipped FARE / TeCoA / Sim-CLIP config parses into its dataclass with the published recipe."""
+
+from pathlib import Path
+
+import pytest
+from transformers.trainer_utils import SchedulerType
+from trl import TrlParser
+
+from trainers.fare import FareConfig
+from trainers.simclip import SimClipConfig
+from trainers.tecoa import TecoaConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CLASSES = {"fare": FareConfig, "tecoa": TecoaConfig, "simclip": SimClipConfig}
+PAPER = [(m, p) for m in CLASSES for p in sorted((CONFIGS / m).glob("*.yaml")) if p.stem != "world"]
+
+
+def _parse(method: str, path: Path, *extra: str):
+    (config,) = TrlParser([CLASSES[method]]).parse_args_and_config(["--config", str(path), "--use_cpu", "true", *extra])
+    return config
+
+
+@pytest.mark.parametrize("method, path", PAPER, ids=[f"{m}/{p.name}" for m, p in PAPER])
+def test_paper_configs_follow_the_published_recipe(method, path):
+    config = _parse(method, path)
+    eps = config.threat.eps * 255
+    assert round(eps, 6) in (2.0, 4.0) and f"eps{round(eps)}" in path.stem
+    assert config.attack_steps == 10 and config.threat.alpha == pytest.approx(1 / 255)
+    assert config.learning_rate == pytest.approx(1e-5) and config.weight_decay == pytest.approx(1e-4)
+    assert SchedulerType(config.lr_scheduler_type) == SchedulerType.COSINE and 0 < config.warmup_steps < 1
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128
+    if method == "tecoa":
+        assert config.text_model_name_or_path and config.class_prompt_template == "This is a photo of a {}"
+
+
+def test_every_method_ships_eps_2_and_4_for_clip_and_llava():
+    for method in CLASSES:
+        names = {p.name for p in (CONFIGS / method).glob("*.yaml")}
+        for eps in (2, 4):
+            assert {f"clip-vit-l14-336-eps{eps}.yaml", f"llava-1.5-7b-eps{eps}.yaml"} <= names
+
+
+def test_command_line_overrides_the_file():
+    config = _parse("fare", CONFIGS / "fare" / "clip-vit-l14-336-eps2.yaml", "--eps", "4/255", "--embedding", "llm")
+    assert config.threat.eps == pytest.approx(4 / 255) and config.embedding == "llm"
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="embedding"):
+        _parse("fare", CONFIGS / "fare" / "clip-vit-l14-336-eps2.yaml", "--embedding", "cls")
