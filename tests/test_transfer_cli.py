@@ -87,6 +87,29 @@ def test_convert_round_trip_and_open_clip_donor(tmp_path, capsys):
     assert torch.equal(find_vision_tower(grafted).embeddings.patch_embedding.weight, encoder.embeddings.patch_embedding.weight)
 
 
+def test_cli_realignment_is_saved_and_reported_separately(tmp_path):
+    model, processor = tiny_llava(seed=6)
+    target = write_lvlm(model, processor, tmp_path / "target")
+    images = image_folder(tmp_path / "images", n=4)
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(4)],
+            "annotations": [{"image_id": i, "caption": "a red circle on the left"} for i in range(4)]}
+    (tmp_path / "images" / "captions.json").write_text(json.dumps(coco))
+    argv = ["--encoder", target, "--target", target, "--out", str(tmp_path / "plain"), "--verify-data", images,
+            "--verify-samples", "2", "--max-new-tokens", "2", "--realign-out", str(tmp_path / "realigned"),
+            "--realign-data", str(tmp_path / "images" / "captions.json"), "--realign-steps", "3", "--realign-batch-size", "2"]
+    assert main(argv) == 0
+    plain = json.loads((tmp_path / "plain" / "graft_report.json").read_text())
+    realigned = json.loads((tmp_path / "realigned" / "graft_report.json").read_text())
+    assert "realignment" not in plain and plain["verification"]["answer_agreement_exact"] == 1.0  # identity graft
+    assert realigned["realignment"]["steps"] == 3 and "answer_agreement_exact" in realigned["realignment"]
+    assert realigned["verification"] == plain["verification"]
+    assert "Projector re-alignment" in (tmp_path / "realigned" / "graft_report.md").read_text()
+    plain_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "plain")
+    realigned_model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "realigned")
+    assert component_hashes(plain_model)["language_model"] == component_hashes(realigned_model)["language_model"]
+    assert component_hashes(plain_model)["projector"] != component_hashes(realigned_model)["projector"]
+
+
 def test_answer_agreement_and_accuracies():
     samples = [Sample(None, "q", ["red"]), Sample(None, "q", ["blue"]), Sample(None, "q", None)]
     result = answer_agreement(["red", "Blue.", "x"], ["red", "blue", "y"], samples)

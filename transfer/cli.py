@@ -47,6 +47,7 @@ class TransferConfig:
     # projector re-alignment (reported separately; saved to its own directory)
     realign_out: str | None = field(default=None, metadata={"help": "also save a projector-re-aligned copy here"})
     realign_data: str | None = field(default=None, metadata={"help": "caption data: world:SPLIT or a datasets directory"})
+    realign_caption_column: str | None = field(default=None, metadata={"help": "caption column of a saved HF dataset"})
     realign_samples: int = 256
     realign_steps: int = 100
     realign_learning_rate: float = 1e-4
@@ -149,7 +150,7 @@ def transfer(config: TransferConfig) -> int:
     _print_numbers(report.get("verification"))
 
     if config.realign_out:
-        captions = load_samples(config.realign_data, config.realign_samples)
+        captions = load_samples(config.realign_data, config.realign_samples, config.realign_caption_column)
         training = realign_projector(model, processor, captions, RealignConfig(
             config.realign_steps, config.realign_learning_rate, config.realign_batch_size, seed=config.seed))
         report["realignment"] = training | (verification() if samples else {})

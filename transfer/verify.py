@@ -36,12 +36,14 @@ class Sample:
     caption: str | None = None  # for projector re-alignment
 
 
-def load_samples(spec: str, n: int) -> list[Sample]:
+def load_samples(spec: str, n: int, caption_column: str | None = None) -> list[Sample]:
     """Up to ``n`` samples from an image source spec (see :func:`adpo.sources.open_source`: ``world:SPLIT``, a
     saved HF dataset, an image folder, a COCO captions file). Image i asks its (i mod k)-th question (with
-    its answer) when the source has questions, else :data:`DEFAULT_QUESTION`; unreadable images are skipped."""
+    its answer) when the source has questions, else :data:`DEFAULT_QUESTION`; unreadable images are skipped.
+    ``caption_column`` names a saved HF dataset's caption column (COCO files and the world have captions)."""
     samples = []
-    for index, record in enumerate(open_source(spec, n=n)):
+    columns = {"caption_column": caption_column} if caption_column else {}
+    for index, record in enumerate(open_source(spec, n=n, **columns)):
         if record.image is None:
             continue
         pick = index % len(record.questions) if record.questions else 0
