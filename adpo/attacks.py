@@ -115,9 +115,10 @@ def pgd(
                 break
             current = objective if active.numel() == batch else objective.subset(active)
             values, hit, grad = _value_and_grad(current, x_adv[active])
-            improved = values > best_values[active]
-            best_values[active] = torch.where(improved, values, best_values[active])
-            best_x[active[improved]] = x_adv[active[improved]]
+            if keep_best:
+                improved = values > best_values[active]
+                best_values[active] = torch.where(improved, values, best_values[active])
+                best_x[active[improved]] = x_adv[active[improved]]
             steps_run[active] += 1
             if hit is not None:
                 success[active] |= hit
