@@ -30,11 +30,9 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "Split for hub datasets."})
     num_samples: int = field(default=64, metadata={"help": "Number of evaluated samples (VQA: questions)."})
     questions_per_image: int = field(default=1, metadata={"help": "VQA on datasets with several questions per image."})
-    image_column: str = "image"
-    question_column: str = "questions"
-    answers_column: str = "answers"
-    captions_column: str = "captions"
-    label_column: str = "label"
+    image_column: str = field(default="image", metadata={"help": "HF datasets: the image column."})
+    captions_column: str = field(default="captions", metadata={"help": "HF datasets, caption task: the reference captions column."})
+    label_column: str = field(default="label", metadata={"help": "HF datasets, zeroshot task: the class label column."})
     prompt: str | None = field(default=None, metadata={"help": "caption/targeted prompt (default per task)."})
     question_suffix: str = field(default="", metadata={"help": "VQA: appended to each question, e.g. ' Answer with a single word.'"})
     class_prompt: str = field(default="a photo of a {}", metadata={"help": "zeroshot: text prompt per class name."})

@@ -385,7 +385,8 @@ def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
 
             value = world_config()["working_eps"]
         eps = parse_eps(value)
-        label = f"{eps * 255:g}/255" if math.isclose(eps * 255, round(eps * 255), abs_tol=1e-6) else f"{eps:.4g}"
+        in_255ths = round(eps * 255, 2)
+        label = f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-6) else f"{eps:.4g}"
         resolved.append((eps, label))
     return sorted(set(resolved))
 

@@ -1,0 +1,55 @@
+"""``adpo eval``: run the robustness protocol from a YAML config, or compare finished reports.
+
+    adpo eval --config configs/eval/world_vqa.yaml [--steps 10 --num_samples 8 ...]
+    adpo eval compare runs/eval/original runs/eval/adpo [--names original adpo] [--out runs/eval/compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def compare_main(argv: list[str]) -> int:
+    from adpo.eval.report import compare_reports
+
+    parser = argparse.ArgumentParser(prog="adpo eval compare", description="One table and one chart from several eval reports.")
+    parser.add_argument("reports", nargs="+", help="report directories (or their report.json)")
+    parser.add_argument("--names", nargs="+", help="row labels, one per report (default: each report's name)")
+    parser.add_argument("--out", default="runs/eval/compare", help="output directory (compare.md, compare.json, chart)")
+    args = parser.parse_args(argv)
+    paths = compare_reports(args.reports, args.out, names=args.names)
+    print(paths["markdown"].read_text(encoding="utf-8"))
+    print(f"wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
+    return 0
+
+
+def run_main(argv: list[str]) -> int:
+    from trl import TrlParser
+
+    from adpo.eval.config import EvalConfig
+    from adpo.eval.loading import prepare
+    from adpo.eval.protocol import run_protocol
+    from adpo.eval.report import REPORT_MARKDOWN, results_table
+
+    parser = TrlParser((EvalConfig,), prog="adpo eval", description="Evaluate clean and adversarial robustness of an LVLM (or a CLIP encoder).")
+    (config,) = parser.parse_args_and_config(argv)
+    model, samples, pixels, class_names = prepare(config)
+    report = run_protocol(config, model, samples, pixels, class_names=class_names)
+    print(results_table([report]))
+    for check in report["sanity"]:
+        if check["status"] != "pass":
+            print(f"{check['status'].upper()} {check['check']}: {check['detail']}")
+    print(f"wrote {config.output_dir}/{REPORT_MARKDOWN} (+ report.json and plots)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
+    return run_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

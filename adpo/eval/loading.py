@@ -1,0 +1,141 @@
+"""From an :class:`EvalConfig` to what the protocol needs: samples, pixels and a model adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from adpo.eval.config import EvalConfig
+from adpo.eval.protocol import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, GenerativeModel, Sample, ZeroShotModel
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _images_needed(config: EvalConfig) -> int:
+    if config.task == "vqa":
+        return math.ceil(config.num_samples / max(config.questions_per_image, 1))
+    return config.num_samples
+
+
+def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
+    """The evaluated samples from ``config.data`` (any :func:`adpo.sources.open_source` spec) and class names.
+
+    VQA needs question/answer pairs (the world's records carry them); each image contributes up to
+    ``questions_per_image`` questions, starting at a different question per image so that every
+    question type is covered.
+    """
+    from adpo.sources import open_source
+
+    hf_columns: dict[str, Any] = {"image_column": config.image_column}
+    if config.task == "zeroshot":
+        hf_columns["label_column"] = config.label_column
+    if config.task == "caption":
+        hf_columns["caption_column"] = config.captions_column
+    is_world = config.data == "world" or config.data.startswith("world:")
+    source = open_source(config.data, split=config.split, n=_images_needed(config), labelled=config.task == "zeroshot",
+                         **({} if is_world else hf_columns))
+    samples: list[Sample] = []
+    skipped = []
+    for index in range(len(source)):
+        record = source[index]
+        if record.image is None:
+            skipped.append(f"{record.source_id} ({record.error})")
+            continue
+        if config.task == "vqa":
+            if not record.questions:
+                raise ValueError(
+                    f"{config.data}: record {record.source_id} has no questions; VQA needs a source with question/answer "
+                    "pairs (the bundled world has them), or pick task: caption / targeted / zeroshot."
+                )
+            count = min(config.questions_per_image, len(record.questions))
+            for k in range(count):
+                q = (index + k) % len(record.questions)
+                answers = record.answers[q]
+                samples.append(Sample(f"{record.source_id}/q{q}", record.image, record.questions[q] + config.question_suffix,
+                                      list(answers) if isinstance(answers, (list, tuple)) else [answers]))
+        elif config.task == "caption":
+            if not record.captions:
+                raise ValueError(f"{config.data}: record {record.source_id} has no captions; set captions_column to the caption column.")
+            samples.append(Sample(record.source_id, record.image, config.prompt or DEFAULT_PROMPTS["caption"], list(record.captions)))
+        elif config.task == "targeted":
+            samples.append(Sample(record.source_id, record.image, config.prompt or DEFAULT_PROMPTS["targeted"], [config.target]))
+        else:
+            if record.label is None:
+                raise ValueError(f"{config.data}: record {record.source_id} has no label; set label_column for zero-shot evaluation.")
+            samples.append(Sample(record.source_id, record.image, "", [], label=int(record.label)))
+        if len(samples) >= config.num_samples:
+            break
+    if skipped:
+        print(f"adpo eval: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}")
+    if not samples:
+        raise ValueError(f"{config.data} gave no usable samples for task {config.task!r}.")
+    return samples[: config.num_samples], getattr(source, "class_names", None)
+
+
+def build_generative_model(config: EvalConfig):
+    """(GenerativeModel, processor) for the LVLM in ``config.model`` (with ``config.encoder`` put into its tower)."""
+    from adpo.lvlm import LlavaView, load_lvlm, put_encoder
+
+    model, processor = load_lvlm(config.model, dtype=config.dtype)
+    if config.encoder:
+        put_encoder(model, config.encoder)
+    model = model.to(resolve_device(config.device)).eval()
+    max_new_tokens = config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task]
+    return GenerativeModel(LlavaView(model, processor), max_new_tokens), processor
+
+
+def build_zeroshot_model(config: EvalConfig, class_names: list[str]):
+    """(ZeroShotModel, processor): CLIP text classifier over ``class_names``; the image side is ``config.encoder``,
+    else the vision tower of the LVLM in ``config.model``, else the CLIP model's own vision tower."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from adpo.lvlm import VisionTower, find_vision_tower, load_encoder, load_lvlm
+    from adpo.world.clip import zero_shot_classifier
+
+    if not config.clip_model:
+        raise ValueError("task: zeroshot needs clip_model (a CLIPModel dir or hub id, or world:clip for the bundled world's).")
+    device = resolve_device(config.device)
+    if config.clip_model == "world:clip":
+        from adpo.world.clip import load_world_clip
+
+        clip, processor = load_world_clip()
+    else:
+        clip, processor = CLIPModel.from_pretrained(config.clip_model), CLIPProcessor.from_pretrained(config.clip_model)
+    clip = clip.to(device).eval()
+    if config.encoder:
+        encoder = load_encoder(config.encoder).to(device)
+    elif config.model and config.model != config.clip_model:
+        lvlm, _ = load_lvlm(config.model, dtype=config.dtype)
+        encoder = find_vision_tower(lvlm).to(device)
+    else:
+        encoder = clip.vision_model
+    tower = VisionTower.from_encoder(encoder, processor).to(device)
+    classes = zero_shot_classifier(clip, processor, class_names, config.class_prompt)
+
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        # The encoder's pooled CLS embedding through CLIP's visual projection into the text space.
+        return clip.visual_projection(tower.pooled(pixels).to(clip.visual_projection.weight.dtype))
+
+    logit_scale = float(clip.logit_scale.exp())
+    return ZeroShotModel(embed, classes, class_names, logit_scale, (tower, clip), device), processor
+
+
+def prepare(config: EvalConfig):
+    """Everything ``run_protocol`` needs: (model adapter, samples, pixels, class names)."""
+    from adpo.preprocess import to_pixels
+
+    samples, class_names = load_samples(config)
+    if config.task == "zeroshot":
+        model, processor = build_zeroshot_model(config, class_names or [])
+    else:
+        model, processor = build_generative_model(config)
+    pixels = to_pixels([s.image for s in samples], processor)
+    for sample in samples:
+        sample.image = None  # the pixels are all the protocol needs; drop the decoded images
+    return model, samples, pixels, class_names

@@ -1,0 +1,222 @@
+"""The evaluation protocol end to end on tiny random models (seconds each).
+
+A random LVLM's answers are meaningless, so the VQA samples use the model's own complete clean answers
+as references (clean accuracy 100 %) and the tests check what the attacks do to them.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import adpo.eval.protocol as protocol
+from adpo.eval.config import EvalConfig
+from adpo.eval.protocol import (
+    CaptionTask,
+    GenerativeModel,
+    Outcome,
+    Sample,
+    VQATask,
+    ZeroShotModel,
+    attack_ensemble,
+    predict_in_batches,
+    resolve_eps,
+    run_protocol,
+)
+from adpo.lvlm import LlavaView
+from adpo.testing import random_pixels, tiny_llava
+from adpo.threat import ThreatModel
+
+QUESTION = "what is in the image ?"
+
+
+@pytest.fixture(scope="module")
+def view():
+    model, processor = tiny_llava(seed=0)
+    return LlavaView(model, processor)
+
+
+@pytest.fixture(scope="module")
+def answered(view):
+    """Images whose greedy clean answer ends with end-of-turn within the token budget, and those answers."""
+    pool = random_pixels(64, seed=1)
+    answers = view.generate(pool, [QUESTION] * len(pool), max_new_tokens=8)
+    encoded = view.encode([QUESTION] * len(pool), answers)
+    complete = view.answer_scores(pool, encoded.input_ids, encoded.attention_mask, encoded.labels).all_greedy
+    keep = complete.nonzero().flatten().tolist()[:4]
+    assert len(keep) >= 3, "the tiny model should finish some answers"
+    return pool[keep], [answers[i] for i in keep]
+
+
+def vqa_samples(answers):
+    return [Sample(f"s{i}", None, QUESTION, [a]) for i, a in enumerate(answers)]
+
+
+def config(**overrides):
+    defaults = dict(model="tiny", task="vqa", eps=["8/255"], steps=2, precision_schedule=["float32"], batch_size=4,
+                    step_check_steps=1, num_examples=2, progress=False, vqa_targets=[], max_new_tokens=8)
+    defaults.update(overrides)
+    return EvalConfig(**defaults)
+
+
+def test_vqa_protocol_breaks_answers_and_writes_report(view, answered, tmp_path):
+    pixels, answers = answered
+    report = run_protocol(config(eps=["2/255", "8/255"]), GenerativeModel(view, 8), vqa_samples(answers), pixels, out_dir=tmp_path)
+    assert report["clean"]["exact_match"] == 1.0
+    robust = {row["eps_label"]: row["metrics"]["exact_match"] for row in report["robust"]}
+    assert robust["8/255"] < 1.0
+    for sample in report["samples"]:
+        for entry in sample["robust"].values():
+            assert entry["scores"]["exact_match"] <= sample["clean"]["scores"]["exact_match"]
+            assert entry["attacked"]  # every sample was right on the clean image, so every sample is attacked
+    assert {c["check"] for c in report["sanity"]} == {"robust_le_clean", "monotone_in_eps", "more_steps_not_weaker"}
+    assert report["sanity"][0]["status"] == "pass"
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["num_samples"] == len(answers) and saved["step_check"]["steps"] == 1
+    assert "APGD" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "metric_vs_eps.png").stat().st_size > 1000
+    assert report["examples"] and (tmp_path / report["examples"][0]["adversarial_image"]).exists()
+    assert (tmp_path / "examples.png").stat().st_size > 1000
+
+
+def test_adversarial_outputs_stay_in_the_threat_model(view, answered):
+    pixels, answers = answered
+    samples = vqa_samples(answers)
+    model = GenerativeModel(view, 8)
+    clean = [Outcome(o, s) for o, s in zip(answers, VQATask(samples, []).score(samples, answers))]
+    threat = ThreatModel(eps=4 / 255)
+    run = attack_ensemble(model, VQATask(samples, []), samples, pixels, clean, threat, steps=2, precision_schedule=["float32"], batch_size=4)
+    for i, worst in enumerate(run.worst):
+        assert worst is not None
+        assert bool(threat.contains(worst.x_adv[None], pixels[i][None]))
+
+
+def test_broken_samples_are_never_attacked(view, answered):
+    pixels, answers = answered
+    samples = vqa_samples(answers)
+    samples[0].references = ["definitely not the answer"]
+    task = VQATask(samples, [])
+    clean = [Outcome(o, s) for o, s in zip(answers, task.score(samples, answers))]
+    assert clean[0].scores["exact_match"] == 0.0
+    run = attack_ensemble(GenerativeModel(view, 8), task, samples, pixels, clean, ThreatModel(eps=8 / 255), steps=2,
+                          precision_schedule=["float32"], batch_size=4)
+    assert run.worst[0] is None and all(w is not None for w in run.worst[1:])
+    assert run.attacked == len(samples) - 1
+
+
+def test_zero_epsilon_changes_nothing(view, answered):
+    pixels, answers = answered
+    report = run_protocol(config(eps=["0"], steps=1, step_check_steps=0), GenerativeModel(view, 8), vqa_samples(answers), pixels, write=False)
+    assert report["robust"][0]["metrics"]["exact_match"] == 1.0
+
+
+def test_later_stages_warm_start_from_the_worst_perturbation(view, answered, monkeypatch):
+    pixels, answers = answered
+    calls = []
+    real_apgd = protocol.apgd
+
+    def spy(objective, x, threat, steps, **kwargs):
+        result = real_apgd(objective, x, threat, steps, **kwargs)
+        calls.append((kwargs.get("init"), result.x_adv.clone()))
+        return result
+
+    monkeypatch.setattr(protocol, "apgd", spy)
+    samples = vqa_samples(answers)
+    task = VQATask(samples, [])
+    clean = [Outcome(o, s) for o, s in zip(answers, task.score(samples, answers))]
+    # A tiny epsilon leaves samples unbroken after the first stage, so the second stage must run.
+    run = attack_ensemble(GenerativeModel(view, 8), task, samples, pixels, clean, ThreatModel(eps=0.01 / 255), steps=1,
+                          precision_schedule=["half", "float32"], batch_size=8)
+    first_stage = [c for c in calls if c[0] is None]
+    second_stage = [c for c in calls if c[0] is not None]
+    assert first_stage and second_stage
+    # Every second-stage start is a perturbation the first stage found (each attacked sample has a worst one).
+    earlier = torch.cat([x for _, x in first_stage])
+    for init, _ in second_stage:
+        for row in init:
+            assert any(torch.allclose(row, candidate, atol=1e-6) for candidate in earlier)
+    assert run.attacked == len(samples)
+
+
+def test_caption_protocol_scores_cider(view, answered, tmp_path):
+    pixels, answers = answered
+    samples = [Sample(f"c{i}", None, QUESTION, [a, "a red circle on the left"]) for i, a in enumerate(answers)]
+    report = run_protocol(config(task="caption", steps=1, step_check_steps=0, num_examples=0), GenerativeModel(view, 8), samples, pixels, out_dir=tmp_path)
+    assert report["primary_metric"] == "cider" and set(report["clean"]) == {"cider", "bleu4", "rouge_l"}
+    assert report["clean"]["cider"] > 0
+    for sample in report["samples"]:
+        assert sample["robust"]["8/255"]["scores"]["cider"] <= sample["clean"]["scores"]["cider"] + 1e-9
+    assert isinstance(CaptionTask(samples, 0.1).passes(samples[0])[0].early_stop, bool)
+
+
+def test_targeted_protocol_reports_target_avoided(view, answered):
+    pixels, answers = answered
+    samples = [Sample(f"t{i}", None, QUESTION, ["maybe"]) for i in range(len(answers))]
+    report = run_protocol(config(task="targeted", target="maybe", steps=2, step_check_steps=0), GenerativeModel(view, 8), samples, pixels, write=False)
+    assert report["primary_metric"] == "target_avoided"
+    assert 0.0 <= report["robust"][0]["metrics"]["target_avoided"] <= report["clean"]["target_avoided"]
+
+
+def tiny_zero_shot_model():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from adpo.lvlm import VisionTower
+    from adpo.testing import tiny_image_processor
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               image_size=32, patch_size=8)).eval()
+    tower = VisionTower.from_encoder(encoder, tiny_image_processor())
+    class_embeddings = torch.randn(5, 32)
+    return ZeroShotModel(tower.pooled, class_embeddings, [f"class{i}" for i in range(5)], 100.0, (tower,), torch.device("cpu"))
+
+
+def test_zero_shot_protocol_runs_ce_and_targeted_passes():
+    model = tiny_zero_shot_model()
+    pixels = random_pixels(6, seed=3)
+    predicted = model.logits(pixels).argmax(dim=-1).tolist()
+    samples = [Sample(f"z{i}", None, "", [], label=label) for i, label in enumerate(predicted)]
+    report = run_protocol(config(task="zeroshot", steps=5, zeroshot_target_classes=2), model, samples, pixels,
+                          class_names=model.class_names, write=False)
+    assert report["clean"]["accuracy"] == 1.0
+    assert report["robust"][0]["metrics"]["accuracy"] <= 1.0
+    assert set(report["protocol"]["passes"]) == {"ce", "target#0", "target#1"}
+    assert all(len(s.target_labels) == 2 and s.label not in s.target_labels for s in samples)
+
+
+def test_resolve_eps_labels_and_order():
+    assert resolve_eps(["4/255", "2", 0.5 / 255]) == [(0.5 / 255, "0.5/255"), (2 / 255, "2/255"), (4 / 255, "4/255")]
+
+
+def test_predictions_do_not_depend_on_batch_size(view, answered):
+    pixels, answers = answered
+    samples = vqa_samples(answers)
+    model = GenerativeModel(view, 8)
+    assert predict_in_batches(model, pixels, samples, 1) == predict_in_batches(model, pixels, samples, 4) == answers
+
+
+def test_cli_end_to_end_and_compare(tmp_path):
+    from adpo.eval.cli import main
+
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    yaml_path = tmp_path / "eval.yaml"
+    yaml_path.write_text(
+        f"model: {tmp_path / 'model'}\ntask: targeted\ntarget: maybe\ndata: {images}\nnum_samples: 2\neps: ['4/255', '8/255']\n"
+        f"steps: 1\nprecision_schedule: [float32]\nstep_check_steps: 1\nbatch_size: 2\nmax_new_tokens: 4\noutput_dir: {tmp_path / 'run_a'}\n"
+    )
+    assert main(["--config", str(yaml_path)]) == 0
+    assert main(["--config", str(yaml_path), "--output_dir", str(tmp_path / "run_b"), "--name", "second", "--seed", "1"]) == 0
+    report = json.loads((tmp_path / "run_a" / "report.json").read_text())
+    assert report["num_samples"] == 2 and [r["eps_label"] for r in report["robust"]] == ["4/255", "8/255"]
+    assert main(["compare", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| second |" in table and (tmp_path / "cmp" / "compare_metric_vs_eps.png").exists()
