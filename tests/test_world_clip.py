@@ -1,0 +1,128 @@
+"""WorldCLIP: tokenizer, config, contrastive loss, a training step, and the shipped weights."""
+
+import math
+
+import pytest
+import torch
+
+from adpo.world.clip import (
+    WEIGHTS_DIR,
+    WorldClipSize,
+    build_world_clip_config,
+    build_world_processor,
+    clip_training_step,
+    contrastive_loss,
+    load_world_clip,
+    save_world_clip,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from adpo.world.data import CLASS_NAMES, CLASS_PROMPT_TEMPLATE, captions_for, generate_world_image, questions_for
+
+TINY = WorldClipSize(
+    vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,
+    text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, projection_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_world_processor()
+
+
+def test_tokenizer_covers_world_text_and_ends_with_eos(processor):
+    tokenizer = processor.tokenizer
+    texts = [CLASS_PROMPT_TEMPLATE.format(name) for name in CLASS_NAMES]
+    for seed in range(50):
+        world = generate_world_image(seed)
+        texts += captions_for(world) + questions_for(world)[0]
+    encoded = tokenizer(texts, padding=True)
+    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"]):
+        assert tokenizer.unk_token_id not in ids
+        length = sum(mask)
+        assert ids[0] == tokenizer.bos_token_id and ids[length - 1] == tokenizer.eos_token_id
+    # Different class names give different token sequences (the zero-shot prompts are distinguishable).
+    prompts = tokenizer([CLASS_PROMPT_TEMPLATE.format(n) for n in CLASS_NAMES])["input_ids"]
+    assert len({tuple(p) for p in prompts}) == len(CLASS_NAMES)
+    assert tokenizer.unk_token_id in tokenizer("a photo of a zebra")["input_ids"]
+
+
+def test_config_matches_the_fixed_design(processor):
+    config = build_world_clip_config(processor.tokenizer)
+    vision = config.vision_config
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (64, 16, 256)
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size) == (6, 8, 1024)
+    assert vision.hidden_act == "quick_gelu" and config.projection_dim == 256
+    # CLIP pools the text at the first EOS only when eos_token_id != 2 (the legacy argmax path).
+    assert config.text_config.eos_token_id == processor.tokenizer.eos_token_id != 2
+    size = processor.image_processor.crop_size
+    assert (size["height"], size["width"]) == (64, 64)
+
+
+def test_contrastive_loss_hand_cases():
+    embeds = torch.eye(3)
+    scale = torch.tensor(math.log(2.0))
+    # Perfectly matched pairs: loss is the softmax cross-entropy of logits 2 on the diagonal, 0 elsewhere.
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert contrastive_loss(embeds, embeds, scale).item() == pytest.approx(expected, rel=1e-5)
+    # Mismatched pairs cost more than matched ones, and the logit scale sharpens the matched optimum.
+    assert contrastive_loss(embeds, embeds[[1, 2, 0]], scale).item() > 1.0 + expected
+    assert contrastive_loss(embeds, embeds, torch.tensor(math.log(20.0))).item() < expected
+
+
+def _batch(processor, n=8):
+    worlds = [generate_world_image(seed, n_objects=1) for seed in range(n)]
+    pixels = processor.image_processor(images=[w.image for w in worlds], return_tensors="pt")["pixel_values"]
+    texts = [CLASS_PROMPT_TEMPLATE.format(f"{w.objects[0].color} {w.objects[0].shape}") for w in worlds]
+    encoded = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    return pixels, encoded["input_ids"], encoded["attention_mask"]
+
+
+def test_tiny_training_steps_decrease_the_contrastive_loss(processor):
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(build_world_clip_config(processor.tokenizer, TINY))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    pixels, ids, mask = _batch(processor)
+    losses = [clip_training_step(model, optimizer, pixels, ids, mask) for _ in range(15)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_save_then_load_round_trip(processor, tmp_path):
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(build_world_clip_config(processor.tokenizer, TINY)).eval()
+    save_world_clip(model, processor, tmp_path / "clip", record={"note": "test"})
+    loaded, loaded_processor = load_world_clip(tmp_path / "clip")
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert (tmp_path / "clip" / "training.json").exists()
+    classifier = zero_shot_classifier(loaded, loaded_processor)
+    reference = zero_shot_classifier(model.half().float(), processor)
+    assert classifier.shape == (len(CLASS_NAMES), TINY.projection_dim)
+    torch.testing.assert_close(classifier.norm(dim=-1), torch.ones(len(CLASS_NAMES)))
+    torch.testing.assert_close(classifier, reference, atol=2e-3, rtol=0)
+    with pytest.raises(FileNotFoundError, match="adpo world build"):
+        load_world_clip(tmp_path / "missing")
+
+
+def test_shipped_weights_load():
+    if not (WEIGHTS_DIR / "config.json").exists():
+        pytest.fail(f"shipped WorldCLIP weights are missing from {WEIGHTS_DIR}; run `adpo world build`")
+    model, processor = load_world_clip()
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert model.config.vision_config.image_size == 64
+    assert zero_shot_classifier(model, processor).shape == (len(CLASS_NAMES), model.config.projection_dim)
+    size_mb = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) / 2**20
+    assert size_mb < 20
+
+
+@pytest.mark.world
+def test_shipped_weights_zero_shot_accuracy(tmp_path, monkeypatch):
+    from adpo.world.data import load_world_dataset
+
+    monkeypatch.setenv("ADPO_CACHE", str(tmp_path))
+    model, processor = load_world_clip()
+    accuracy = zero_shot_accuracy(model, processor, load_world_dataset("test", n=64, progress=False))
+    assert accuracy >= 0.85
