@@ -70,6 +70,7 @@ from adpo.lvlm import (
     find_vision_tower,
     freeze_for_tower_training,
     load_lvlm,
+    put_encoder,
     save_encoder,
 )
 from adpo.objectives import EmbeddingDistance
@@ -504,6 +505,28 @@ class AdPOTrainer(DPOTrainer):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             save_encoder(self.trained_encoder(), Path(output_dir) / ENCODER_DIRNAME, self.processor, self.encoder_card())
+
+    # transformers 5 writes LLaVA checkpoints in the legacy key layout ("language_model.model.*",
+    # "vision_tower.*") and Trainer's resume loads them without converting the keys: nothing is loaded,
+    # only a warning is printed. Under full fine-tuning the tower is the only thing that changes, so
+    # resume loads it from the checkpoint's interchange-format encoder instead. (LoRA checkpoints hold
+    # adapter files, which Trainer loads correctly.)
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.args.tune == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_tower(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if self.args.tune == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        self._load_tower(self.state.best_model_checkpoint)
+
+    def _load_tower(self, checkpoint: str, model: nn.Module | None = None) -> None:
+        encoder_dir = Path(checkpoint) / ENCODER_DIRNAME
+        if not (encoder_dir / "config.json").exists():
+            raise FileNotFoundError(f"{checkpoint} holds no {ENCODER_DIRNAME}/ directory; it was not written by "
+                                    "AdPOTrainer, so there is no trained tower to resume from")
+        put_encoder(self.accelerator.unwrap_model(model or self.model), encoder_dir)
 
     def trained_encoder(self) -> nn.Module:
         """A standalone copy of the trained tower (LoRA merged in), on the CPU."""
