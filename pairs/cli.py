@@ -1,9 +1,11 @@
 """``adpo pairs --config configs/pairs/<name>.yaml [--key value ...]``: generate a preference-pair dataset.
 
-Also runnable under accelerate, each process taking every n-th shard::
+Also runnable with several processes, each taking every n-th shard::
 
-    accelerate launch --num_processes 4 -m pairs.cli --config configs/pairs/llava15_paper.yaml
-    accelerate launch --num_processes 2 --cpu pairs/cli.py --config configs/pairs/world.yaml
+    accelerate launch --num_processes 4 -m pairs.cli --config configs/pairs/llava15_paper.yaml   # 4 GPUs
+    torchrun --nproc_per_node 2 -m pairs.cli --config configs/pairs/world.yaml                   # 2 CPU processes (gloo)
+
+(``accelerate launch --cpu`` starts a single process in accelerate 1.x; use torchrun for several CPU processes.)
 
 Command-line keys override the YAML. Running the same command again resumes a killed run.
 """
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from pairs.generate import run
 
     summary = run(config)
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # the state run() set up
         counts = summary["counts"]
         print(json.dumps({"output_dir": config.output_dir, **counts}))
     return 0

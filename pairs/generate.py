@@ -219,6 +219,13 @@ def _shard_images(source, shard: ShardPlan, processor) -> tuple[dict[str, torch.
     return images, skipped
 
 
+def _cpu_only() -> bool:
+    """accelerate only sets up gloo across CPU processes when told the run is CPU-only."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 def run(config: PairsConfig) -> dict:
     """Generate (or resume) the run described by ``config``; returns the summary (on every process)."""
     from accelerate import PartialState
@@ -243,7 +250,7 @@ def run(config: PairsConfig) -> dict:
     config.validate()
     eps = config.eps_value()
     prompts = config.prompt_list()
-    state = PartialState()
+    state = PartialState(cpu=_cpu_only())
     output_dir = Path(config.output_dir).expanduser()
 
     source = open_image_source(config)

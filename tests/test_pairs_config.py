@@ -1,0 +1,141 @@
+"""pairs/: config validation, prompt choice, work plan and split, quantisation of adversarial images (no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adpo.threat import ThreatModel
+from pairs.cli import main, parse_config
+from pairs.config import PairsConfig
+from pairs.generate import quantize_adversarial
+from pairs.prompts import PROMPT_SETS, prompts_for_image
+from pairs.shards import check_or_write_manifest, plan_shards, shards_for_process
+
+
+def valid_config(tmp_path, **overrides) -> PairsConfig:
+    settings = dict(model_name_or_path="some/model", source=str(tmp_path), output_dir=str(tmp_path / "out"))
+    settings.update(overrides)
+    return PairsConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model_name_or_path": ""}, "model_name_or_path is required"),
+        ({"source": ""}, "source is required"),
+        ({"norm": "l1"}, "norm="),
+        ({"eps": "two"}, "eps='two' is not a number"),
+        ({"eps": "0"}, "outside (0, 1]"),
+        ({"steps": -1}, "steps=-1"),
+        ({"prompt_set": "nope"}, "prompt_set 'nope' is unknown"),
+        ({"prompts_per_image": 2}, "prompts_per_image=2"),  # the paper set has one prompt
+        ({"prompts": ["a", "a"]}, "duplicates"),
+        ({"embedding": "cls"}, "embedding="),
+        ({"dtype": "int8"}, "dtype="),
+        ({"push_to_hub": True}, "hub_repo_id"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"model_name_or_path": "./does/not/exist"}, "not a directory"),
+    ],
+)
+def test_validate_names_the_bad_key(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        valid_config(tmp_path, **overrides).validate()
+
+
+def test_eps_forms_and_defaults(tmp_path):
+    assert valid_config(tmp_path).eps_value() == pytest.approx(2 / 255)  # the paper's default
+    assert valid_config(tmp_path, eps="4/255").eps_value() == pytest.approx(4 / 255)
+    assert valid_config(tmp_path, eps="4").eps_value() == pytest.approx(4 / 255)  # whole numbers are 255ths
+    assert valid_config(tmp_path, eps="0.01").eps_value() == pytest.approx(0.01)
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"model_name_or_path: some/model\nsource: {tmp_path}\noutput_dir: {tmp_path / 'out'}\n"
+        "eps: 2/255\nsteps: 5\nprompt_set: describe\nprompts_per_image: 3\n"
+    )
+    config = parse_config(["--config", str(path), "--steps", "7"])
+    assert (config.steps, config.eps, config.prompts_per_image) == (7, "2/255", 3)
+    config.validate()
+
+
+def test_unknown_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\nepsilon: 2\n")
+    with pytest.raises(ValueError, match="epsilon"):
+        parse_config(["--config", str(path)])
+
+
+def test_config_error_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import adpo.lvlm
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded despite a config error")
+
+    monkeypatch.setattr(adpo.lvlm, "load_lvlm", forbidden)
+    code = main(["--model_name_or_path", "m", "--source", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--norm", "l3"])
+    assert code == 2
+    assert "norm='l3'" in capsys.readouterr().err
+
+
+def test_prompt_choice_is_seeded_per_image_and_distinct():
+    prompts = list(PROMPT_SETS["describe"])
+    first = prompts_for_image(prompts, 3, seed=1, source_id="img/7.png")
+    assert first == prompts_for_image(prompts, 3, seed=1, source_id="img/7.png")
+    assert len({i for i, _ in first}) == 3
+    choices = {tuple(prompts_for_image(prompts, 3, seed=s, source_id=f"{k}")) for s in range(3) for k in range(20)}
+    assert len(choices) > 10  # seed and image both change the choice
+    assert prompts_for_image(prompts, len(prompts), seed=5, source_id="x") == list(enumerate(prompts))
+
+
+def test_plan_is_image_major_and_processes_split_without_overlap():
+    ids = [f"img{i}" for i in range(11)]
+    shards = plan_shards(ids, list(PROMPT_SETS["describe"]), 2, seed=0, images_per_shard=3)
+    assert [len(s.image_positions) for s in shards] == [3, 3, 3, 2]
+    items = [item for shard in shards for item in shard.items]
+    assert [item.item_index for item in items] == list(range(22))
+    assert [item.source_id for item in items] == [i for i in ids for _ in range(2)]
+    for n in (1, 2, 3, 5):
+        taken = [s.shard_index for p in range(n) for s in shards_for_process(shards, p, n)]
+        assert sorted(taken) == list(range(len(shards)))
+
+
+def test_duplicate_source_ids_are_refused():
+    with pytest.raises(ValueError, match="'b' twice"):
+        plan_shards(["a", "b", "b"], ["q"], 1, 0, 2)
+
+
+def test_resume_with_changed_content_settings_is_refused(tmp_path):
+    config = valid_config(tmp_path)
+    manifest = {"fingerprint": config.fingerprint_hash(), "plan_digest": "p", "eps": 2 / 255, "config": config.content_fingerprint()}
+    check_or_write_manifest(tmp_path, manifest, write=True)
+    check_or_write_manifest(tmp_path, manifest, write=True)  # same settings: fine
+    # output-only settings may change on resume
+    relaxed = valid_config(tmp_path, keep_unchanged=False, progress=False)
+    assert relaxed.fingerprint_hash() == config.fingerprint_hash()
+    changed = valid_config(tmp_path, steps=3)
+    other = {**manifest, "fingerprint": changed.fingerprint_hash(), "config": changed.content_fingerprint()}
+    with pytest.raises(ValueError, match="changed: steps"):
+        check_or_write_manifest(tmp_path, other, write=True)
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["steps"] == 10
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 2 / 255), ("linf", 2.5 / 255), ("l2", 0.1), ("l2", 0.5)])
+def test_quantized_adversarial_images_stay_in_the_ball_on_the_uint8_grid(norm, eps):
+    threat = ThreatModel(norm=norm, eps=eps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 8), generator=generator).float() / 255
+    # points on the sphere's surface are the hard case for rounding
+    direction = torch.randn(x.shape, generator=generator)
+    if norm == "linf":
+        x_adv = threat.project(x + direction.sign() * eps, x)
+    else:
+        x_adv = threat.project(x + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps, x)
+    stored = quantize_adversarial(x_adv, x, threat)
+    assert torch.equal(stored * 255, (stored * 255).round())
+    assert bool(threat.contains(stored, x).all())
+    assert (stored - x_adv).abs().max() <= 1 / 255 + 1e-6
