@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from adpo import pipeline
+
+
+def _config(tmp_path, methods=("fare", "adpo")):
+    content = {
+        "output_dir": str(tmp_path / "out"),
+        "methods": list(methods),
+        "pairs": {"overrides": {"max_images": 4}},
+        "train": {m: {"overrides": {"max_steps": 1}} for m in methods},
+        "eval": {"overrides": {"num_samples": 2}},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return pipeline.PipelineConfig.from_yaml(path)
+
+
+def test_stage_order_and_generated_configs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config)
+    commands = [tuple(argv[:2]) for argv in calls]
+    assert commands[0] == ("pairs", "--config")
+    assert commands[1:3] == [("train", "fare"), ("train", "adpo")]
+    assert commands[3:5] == [("transfer", "--config")] * 2
+    assert commands[-1] == ("eval", "compare")
+    assert len([c for c in commands if c == ("eval", "--config")]) == 6  # {original, fare, adpo} x {small, large}
+    adpo_config = yaml.safe_load((tmp_path / "out/train/adpo/stage_config.yaml").read_text())
+    assert adpo_config["dataset_path"].endswith("pairs/run/dataset") and adpo_config["max_steps"] == 1
+    large_adpo = yaml.safe_load((tmp_path / "out/eval/large-adpo/stage_config.yaml").read_text())
+    assert large_adpo["model"].endswith("transfer/adpo/model") and large_adpo["num_samples"] == 2
+
+
+def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeypatch):
+    calls = []
+
+    def crash_in_adpo(argv):
+        calls.append(argv[:2])
+        if argv[:2] == ["train", "adpo"]:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline, "_adpo", crash_in_adpo)
+    config = _config(tmp_path)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.run_pipeline(config)
+    assert calls == [["pairs", "--config"], ["train", "fare"], ["train", "adpo"]]
+    calls.clear()
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv[:2]))
+    pipeline.run_pipeline(config)
+    assert calls[0] == ["train", "adpo"]  # pairs and fare were not redone
+    assert ["pairs", "--config"] not in calls and ["train", "fare"] not in calls
+    calls.clear()
+    pipeline.run_pipeline(config)
+    assert calls == []
+    pipeline.run_pipeline(config, force_stages=("train-fare",))
+    assert calls == [["train", "fare"]]
+
+
+def test_bad_pipeline_configs_name_the_problem(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "x", "methodz": ["adpo"]}))
+    with pytest.raises(ValueError, match="unknown keys \\['methodz'\\]"):
+        pipeline.PipelineConfig.from_yaml(path)
+    path.write_text(yaml.safe_dump({"methods": ["adpo"]}))
+    with pytest.raises(ValueError, match="no 'train.<method>' entry"):
+        pipeline.PipelineConfig.from_yaml(path)
