@@ -262,7 +262,7 @@ def test_config_errors_name_the_fix(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_process_gloo_run_trains(tmp_path):
+def test_two_process_gloo_run_equals_one_process_with_the_global_batch(tmp_path):
     model, processor = tiny_llava(seed=0)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
@@ -270,19 +270,26 @@ def test_two_process_gloo_run_trains(tmp_path):
     config = tmp_path / "adpo.yaml"
     config.write_text(
         f"model_name_or_path: {tmp_path / 'model'}\ndataset_path: {tmp_path / 'pairs'}\n"
-        f"output_dir: {tmp_path / 'run'}\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 0.001\n"
+        f"output_dir: {tmp_path / 'ddp'}\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 0.001\n"
         "bf16: false\ngradient_checkpointing: false\nlogging_steps: 1\nreport_to: []\nsave_strategy: 'no'\n"
-        "use_cpu: true\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "trainers" / "adpo.py"), "--config", str(config)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text()) if (tmp_path / "run" / "trainer_state.json").exists() else None
-    encoder = CLIPVisionModel.from_pretrained(tmp_path / "run" / "encoder")
+    card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
+    assert card["global_step"] == 2 and card["effective_batch_size"] == 4  # two processes really ran
+
+    # DDP averages the two processes' gradients: the result equals one process with the global batch of 4
+    from trainers.adpo import main
+
+    assert main(["--config", str(config), "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one"),
+                 "--use_cpu", "true"]) == 0
+    ddp = CLIPVisionModel.from_pretrained(tmp_path / "ddp" / "encoder").state_dict()
+    one = CLIPVisionModel.from_pretrained(tmp_path / "one" / "encoder").state_dict()
     original = find_vision_tower(model).state_dict()
-    assert any(not torch.equal(v, original[k]) for k, v in encoder.state_dict().items())
-    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
-    assert card["global_step"] == 2 and card["effective_batch_size"] == 4
-    assert state is None or state["global_step"] == 2
+    assert any(not torch.equal(v, original[k]) for k, v in ddp.items())
+    for name, value in one.items():
+        assert torch.allclose(ddp[name], value, atol=1e-5), f"{name}: DDP run differs from the single-process run"
