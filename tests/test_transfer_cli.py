@@ -55,6 +55,20 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     assert main(argv) == 1
 
 
+def test_cli_interpolated_graft_compares_pooled_embeddings_at_each_resolution(tmp_path):
+    model, processor = tiny_llava(vision_config=tiny_vision_config(image_size=48))
+    save_encoder(CLIPVisionModel(tiny_vision_config(image_size=32)), tmp_path / "encoder")  # no preprocessor config
+    target = write_lvlm(model, processor, tmp_path / "target")
+    argv = ["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(tmp_path / "g"),
+            "--interpolate-positions", "--verify-data", image_folder(tmp_path / "images", n=2), "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "g" / "graft_report.json").read_text())
+    statuses = {c["name"]: c["status"] for c in report["graft"]["checks"]}
+    assert statuses["image size / positions"] == "fixed" and statuses["normalisation"] == "assumed"
+    assert -1.0 <= report["verification"]["tower_cosine_pooled_min"] <= 1.0
+    assert "32 vs 48 px" in report["verification"]["tower_cosine_note"]
+
+
 def test_cli_check_only_reports_mismatch_with_exit_code(tmp_path, capsys):
     model, processor = tiny_llava()
     encoder = CLIPVisionModel(tiny_vision_config(layers=2))

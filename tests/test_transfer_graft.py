@@ -78,6 +78,7 @@ def test_small_encoder_grafted_into_large_loads_and_generates(tmp_path):
     answers = LlavaView(reloaded, processor).generate(random_pixels(2), QUESTIONS, max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert not list(tmp_path.glob(".grafted.*"))  # no staging leftovers
+    assert out.stat().st_mode & 0o044 and (out / "model.safetensors").stat().st_mode & 0o044  # readable by others
 
 
 MISMATCHES = [

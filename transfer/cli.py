@@ -91,7 +91,7 @@ def transfer(config: TransferConfig) -> int:
     from transfer.geometry import GraftOptions
     from transfer.graft import check_donor, ensure_writable, graft_encoder, grafted_summary, load_donor, save_grafted
     from transfer.realign import RealignConfig, realign_projector
-    from transfer.verify import answer_agreement, generate_answers, load_samples, robust_vqa_accuracy, tower_agreement
+    from transfer.verify import answer_agreement, donor_view, generate_answers, load_samples, robust_vqa_accuracy, tower_agreement
 
     out = Path(config.out)
     if config.realign_out and not config.realign_data:
@@ -138,13 +138,10 @@ def transfer(config: TransferConfig) -> int:
 
     if samples:
         target_tower = VisionTower.from_lvlm(model, processor)
-        donor_tower = VisionTower(
-            donor.encoder.to(LlavaView(model, processor).device), donor.image_mean or target_tower.mean.flatten().tolist(),
-            donor.image_std or target_tower.std.flatten().tolist(), donor.encoder.config.image_size,
-            target_tower.feature_layer, target_tower.select_strategy,
-        )
+        donor_tower, donor_processor = donor_view(donor.encoder.to(LlavaView(model, processor).device), donor.image_mean,
+                                                  donor.image_std, donor.image_processor, target_tower, processor)
         report["verification"] = tower_agreement(donor_tower, target_tower, [s.image for s in samples],
-                                                 donor.image_processor, processor, config.batch_size) | verification()
+                                                 donor_processor, processor, config.batch_size) | verification()
     save_grafted(model, processor, out, report, overwrite=config.overwrite)
     print(f"grafted model written to {out} (report: {out / 'graft_report.md'})")
     _print_numbers(report.get("verification"))

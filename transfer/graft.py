@@ -249,6 +249,7 @@ def save_grafted(
         processor.save_pretrained(staging)
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
         (staging / REPORT_MD).write_text(render_report(report))
+        _apply_umask(staging)
         if out.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, retired / out.name)
@@ -260,6 +261,16 @@ def save_grafted(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp (and transformers' own atomic writes) create owner-only modes; give the output the
+    permissions an ordinary directory would have, so a shared model stays readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def ensure_writable(out: Path, overwrite: bool) -> None:

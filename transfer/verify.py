@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,7 +22,7 @@ from adpo.attacks import apgd
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
 from adpo.lvlm import LlavaView, VisionTower, cosine_similarity
 from adpo.objectives import LanguageModelLoss
-from adpo.preprocess import to_pixels
+from adpo.preprocess import image_processor_of, to_pixels
 from adpo.sources import open_source
 from adpo.threat import ThreatModel
 
@@ -61,14 +62,29 @@ def _batches(items: Sequence[Any], size: int):
         yield start, items[start:start + size]
 
 
+def donor_view(encoder: Any, image_mean: Sequence[float] | None, image_std: Sequence[float] | None, image_processor: Any,
+               target_tower: VisionTower, target_processor: Any) -> tuple[VisionTower, Any]:
+    """The donor encoder as a :class:`VisionTower` reading the target's feature layer (with the donor's own
+    normalisation, the target's when unknown), and an image processor giving its input resolution: its
+    own, else the target's with the size changed to the donor's."""
+    mean = list(image_mean) if image_mean is not None else target_tower.mean.flatten().tolist()
+    std = list(image_std) if image_std is not None else target_tower.std.flatten().tolist()
+    size = encoder.config.image_size
+    tower = VisionTower(encoder, mean, std, size, target_tower.feature_layer, target_tower.select_strategy)
+    if image_processor is None:
+        image_processor = copy.deepcopy(image_processor_of(target_processor))
+        if size != target_tower.image_size:
+            image_processor.size = {"shortest_edge": size}
+            image_processor.crop_size = {"height": size, "width": size}
+    return tower, image_processor
+
+
 @torch.no_grad()
 def tower_agreement(donor_tower: VisionTower, grafted_tower: VisionTower, images: Sequence[Any], donor_processor: Any,
                     target_processor: Any, batch_size: int = 16) -> dict:
     """Per-image cosine of pooled and LLM-feature embeddings, donor vs grafted tower (mean and min)."""
     pooled, features = [], []
     same_resolution = donor_tower.image_size == grafted_tower.image_size
-    if not same_resolution and donor_processor is None:
-        return {"tower_cosine_note": "donor resolution differs and it has no image processor: not compared"}
     for _, batch in tqdm(list(_batches(images, batch_size)), desc="tower agreement", leave=False):
         target_pixels = to_pixels(batch, target_processor)
         donor_pixels = target_pixels if same_resolution else to_pixels(batch, donor_processor)
@@ -84,7 +100,8 @@ def tower_agreement(donor_tower: VisionTower, grafted_tower: VisionTower, images
         result |= {"tower_cosine_llm_features_mean": torch.cat(features).mean().item(),
                    "tower_cosine_llm_features_min": torch.cat(features).min().item()}
     else:
-        result["tower_cosine_note"] = "resolutions differ (positions interpolated): only the pooled embedding compared"
+        result["tower_cosine_note"] = (f"resolutions differ ({donor_tower.image_size} vs {grafted_tower.image_size} px, "
+                                       "positions interpolated): only the pooled embedding compared")
     return result
 
 
