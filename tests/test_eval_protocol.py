@@ -220,3 +220,17 @@ def test_cli_end_to_end_and_compare(tmp_path):
     assert main(["compare", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| second |" in table and (tmp_path / "cmp" / "compare_metric_vs_eps.png").exists()
+
+
+def test_vqa_passes_per_distinct_answer_and_targets():
+    several = Sample("a", None, "q", ["Red", "red.", "blue", "red"])
+    single = Sample("b", None, "q", ["maybe"])
+    task = VQATask([several, single], ["Maybe", "Word"])
+    assert task.primary == "soft_accuracy"
+    passes = task.passes(several)
+    assert [(p.key, p.text, p.targeted, p.early_stop) for p in passes] == [
+        ("answer#0", "Red", False, False), ("answer#1", "blue", False, False),
+        ("target:Maybe", "Maybe", True, True), ("target:Word", "Word", True, True),
+    ]
+    # A target equal to the reference answer cannot break the sample: skipped.
+    assert [(p.key, p.early_stop) for p in task.passes(single)] == [("answer#0", True), ("target:Word", True)]

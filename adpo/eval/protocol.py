@@ -330,7 +330,9 @@ def attack_ensemble(
     for stage, precision in enumerate(precision_schedule):
         for key in keys:
             todo = [i for i in range(len(samples)) if key in passes[i] and not broken[i]]
-            for chunk in _batches(todo, batch_size):
+            # Batches must agree on early stopping (e.g. single- and multi-answer VQA samples share "answer#0").
+            chunks = [c for flag in (False, True) for c in _batches([i for i in todo if passes[i][key].early_stop == flag], batch_size)]
+            for chunk in chunks:
                 x = pixels[chunk].to(device)
                 init = None
                 if stage > 0:
