@@ -1,0 +1,364 @@
+"""Rebuild every shipped weight of the bundled world: WorldCLIP, then the small and large LVLM projectors.
+
+Projector training (LLaVA stage 1, on the world's data): the vision tower and the LM are frozen, only the
+2-layer GELU projector learns, with the LM loss on the answer tokens. To keep it affordable on 2 CPU cores:
+
+* the tower's LLM features (layer -2, CLS dropped) are computed once for all training images;
+* each sequence packs several question/answer turns about one image (the 16 image tokens and the template
+  are paid once per image, not per question); the first turn has exactly the evaluation prompt format;
+* the LM head runs only at positions that predict an answer token (Gemma's vocabulary is 262k);
+* bf16 autocast on CPU (weights stay fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adpo.world.lvlm import (
+    PROJECTOR_FILE,
+    SIZES,
+    WEIGHTS_DIR,
+    answer_text,
+    build_world_lvlm,
+    projector_state,
+    write_manifest,
+)
+
+STAGES = ("clip", "small", "large")
+TRAINING_RECORD = "training.json"
+
+
+@dataclass
+class ProjectorTrainingConfig:
+    """Settings of :func:`train_projector` (recorded in ``weights/<size>/training.json``)."""
+
+    size: str = "small"
+    seed: int = 0
+    data_seed: int = 0
+    train_images: int = 3000
+    steps: int = 150
+    batch_size: int = 16
+    turns: int = 3  # question/answer turns packed per sequence
+    caption_fraction: float = 0.1  # sequences that are one caption turn instead
+    learning_rate: float = 2e-3
+    warmup_steps: int = 10
+    bf16: bool = False  # measured: no faster than fp32 on this CPU under load, and less exact
+    val_questions: int = 200  # greedy exact match on val questions at the end (0: skip)
+    threads: int = 2
+
+
+def caption_prompt() -> str:
+    """The caption instruction; the same as ``adpo eval``'s default so that caption evaluation needs no flag."""
+    from adpo.eval.protocol import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS["caption"]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class _Tokens:
+    """Token ids of the world's chat turns, memoised (a few hundred distinct strings)."""
+
+    def __init__(self, processor, n_image_tokens: int):
+        from adpo.world.lvlm import IMAGE_TOKEN, prompt_for
+
+        self.tokenizer = processor.tokenizer
+        self.processor = processor
+        self.expanded_image = IMAGE_TOKEN * n_image_tokens
+        self.image_token = IMAGE_TOKEN
+        self.prompt_for = prompt_for
+        self.eos = self.tokenizer.eos_token_id
+        self._cache: dict[tuple[str, str], list[int]] = {}
+
+    def _ids(self, kind: str, text: str) -> list[int]:
+        key = (kind, text)
+        if key not in self._cache:
+            if kind == "first":  # exactly LlavaView.encode's prompt tokens
+                prompt = self.prompt_for(text, self.processor).replace(self.image_token, self.expanded_image)
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            elif kind == "next":  # a later user turn, as the chat template renders it after "<eos>\n"
+                ids = self.tokenizer(f"\nUser:{text}\nAssistant:", add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(answer_text(text), add_special_tokens=False)["input_ids"] + [self.eos]
+            self._cache[key] = ids
+        return self._cache[key]
+
+    def conversation(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for index, (question, answer) in enumerate(turns):
+            prompt = self._ids("first" if index == 0 else "next", question)
+            reply = self._ids("answer", answer)
+            ids += prompt + reply
+            labels += [-100] * len(prompt) + reply
+        return ids, labels
+
+
+def _sample_turns(record: dict, rng: random.Random, turns: int, caption_fraction: float) -> list[tuple[str, str]]:
+    if rng.random() < caption_fraction:
+        return [(caption_prompt(), record["captions"][0])]
+    pairs = list(zip(record["questions"], record["answers"]))
+    rng.shuffle(pairs)
+    return pairs[:turns]
+
+
+def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):  # right padding: positions stay 0..n-1 for the real tokens
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def tower_features(model, processor, images, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
+    """The frozen tower's LLM features ``[N, n_patches, D]`` (what the projector consumes), fp32."""
+    from adpo.lvlm import VisionTower
+    from adpo.preprocess import to_pixels
+
+    tower = VisionTower.from_lvlm(model, processor).eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="tower features", disable=not progress, leave=False):
+        pixels = to_pixels(list(images[start : start + batch_size]), processor)
+        chunks.append(tower.features(pixels).float())
+    return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------------------- model pieces
+
+
+def answer_loss(model, features: torch.Tensor, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Mean CE of the answer tokens with ``features`` (tower outputs) placed at the image tokens.
+
+    The same computation as ``LlavaForConditionalGeneration.forward`` (projector -> masked scatter -> LM),
+    but with precomputed tower features and the LM head applied only where a label is predicted.
+    """
+    inner = model.model
+    embeds = inner.get_input_embeddings()(input_ids)
+    image_mask = input_ids == model.config.image_token_id
+    projected = inner.multi_modal_projector(features).to(embeds.dtype)
+    embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), projected)
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep])
+
+
+@torch.no_grad()
+def _match_projector_scale(model, features: torch.Tensor, sample_ids: torch.Tensor) -> float:
+    """Rescale the projector's last layer so its outputs start at the RMS of the LM's own input embeddings.
+
+    Gemma multiplies token embeddings by sqrt(hidden); SmolLM2 does not: one init cannot suit both.
+    """
+    inner = model.model
+    text_rms = inner.get_input_embeddings()(sample_ids).float().pow(2).mean().sqrt()
+    out_rms = inner.multi_modal_projector(features).float().pow(2).mean().sqrt()
+    factor = float(text_rms / out_rms)
+    inner.multi_modal_projector.linear_2.weight.mul_(factor)
+    inner.multi_modal_projector.linear_2.bias.mul_(factor)
+    return factor
+
+
+@torch.no_grad()
+def vqa_exact_match(model, processor, dataset, n_questions: int, batch_size: int = 32, progress: bool = True) -> dict:
+    """Greedy exact match on the first ``n_questions`` (image, question) pairs, one question per image,
+    cycling through question types (as ``adpo eval`` samples them). Uses the core's LlavaView."""
+    from adpo.eval.metrics import exact_match
+    from adpo.lvlm import LlavaView
+    from adpo.preprocess import to_pixels
+
+    view = LlavaView(model, processor)
+    items = []
+    for index in range(len(dataset)):
+        row = dataset[index]
+        k = index % len(row["questions"])
+        items.append((row["image"], row["questions"][k], row["answers"][k]))
+        if len(items) >= n_questions:
+            break
+    correct = 0
+    for start in tqdm(range(0, len(items), batch_size), desc="val VQA", disable=not progress, leave=False):
+        chunk = items[start : start + batch_size]
+        answers = view.generate(to_pixels([c[0] for c in chunk], processor), [c[1] for c in chunk], max_new_tokens=4)
+        correct += sum(exact_match(a, c[2]) for a, c in zip(answers, chunk))
+    return {"exact_match": correct / max(len(items), 1), "questions": len(items)}
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def train_projector(
+    config: ProjectorTrainingConfig,
+    clip_weights_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    clip=None,
+    progress: bool = True,
+):
+    """Train the ``config.size`` LVLM's projector; save it (fp16) + ``training.json`` to ``out_dir/<size>``.
+
+    Returns ``(model, processor, record)``. ``clip`` = ``(CLIPModel, CLIPProcessor)`` overrides the shipped
+    WorldCLIP (tests pass a random one).
+    """
+    from adpo.world.data import load_world_dataset
+
+    if config.size not in SIZES:
+        raise ValueError(f"unknown size {config.size!r}; choose one of {sorted(SIZES)}")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if clip is None:
+        from adpo.world.clip import load_world_clip
+
+        clip = load_world_clip(clip_weights_dir)
+    clip_model, clip_processor = clip
+    model, processor = build_world_lvlm(config.size, clip_model, clip_processor.image_processor, seed=config.seed)
+
+    train = load_world_dataset("train", n=config.train_images, seed=config.data_seed, progress=progress)
+    records = [
+        {"captions": r["captions"], "questions": r["questions"], "answers": r["answers"]}
+        for r in train.remove_columns([c for c in train.column_names if c not in ("captions", "questions", "answers")])
+    ]
+    features = tower_features(model, processor, train["image"], progress=progress)
+    n_image_tokens = features.shape[1]
+    tokens = _Tokens(processor, n_image_tokens)
+    pad_id = processor.tokenizer.pad_token_id
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    for parameter in projector.parameters():
+        parameter.requires_grad_(True)
+    probe_ids = torch.tensor([tokens.conversation(_sample_turns(records[i], rng, config.turns, 0.0))[0] for i in range(1)])
+    scale = _match_projector_scale(model, features[:64], probe_ids[probe_ids != model.config.image_token_id][None])
+
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress_fraction = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * progress_fraction))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    losses: list[float] = []
+    started = time.time()
+    model.train()
+    bar = tqdm(range(config.steps), desc=f"projector {config.size}", disable=not progress)
+    for step in bar:
+        index = [rng.randrange(len(records)) for _ in range(config.batch_size)]
+        rows = [tokens.conversation(_sample_turns(records[i], rng, config.turns, config.caption_fraction)) for i in index]
+        input_ids, attention_mask, labels = _collate(rows, pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = answer_loss(model, features[index], input_ids, attention_mask, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    train_seconds = time.time() - started
+    model.eval()
+    for parameter in projector.parameters():
+        parameter.requires_grad_(False)
+
+    record = {
+        "training": asdict(config),
+        "lm": SIZES[config.size],
+        "projector_init_scale": scale,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
+        "loss_by_step": [round(v, 4) for v in losses],
+        "wall_seconds": round(train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+    }
+    if config.val_questions:
+        val = load_world_dataset("val", n=config.val_questions, seed=config.data_seed, progress=progress)
+        record["val_vqa"] = vqa_exact_match(model, processor, val, config.val_questions, progress=progress)
+    save_projector(model, Path(out_dir or WEIGHTS_DIR) / config.size, record)
+    return model, processor, record
+
+
+def save_projector(model, out_dir: str | os.PathLike, record: dict | None = None) -> Path:
+    """Atomically write the projector (fp16 safetensors) and its training record to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        save_file(projector_state(model), staging / PROJECTOR_FILE, metadata={"format": "pt"})
+        if record is not None:
+            (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------- everything
+
+
+@dataclass
+class WorldBuildConfig:
+    """What ``adpo world build`` rebuilds (every stage is seeded)."""
+
+    out_dir: str | None = None  # default: the package's adpo/world/weights
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    seed: int = 0
+    small: ProjectorTrainingConfig = field(default_factory=lambda: ProjectorTrainingConfig(size="small"))
+    large: ProjectorTrainingConfig = field(default_factory=lambda: ProjectorTrainingConfig(size="large"))
+
+
+def build_world(out_dir: str | os.PathLike | None = None, stages=STAGES, config: WorldBuildConfig | None = None,
+                progress: bool = True) -> dict:
+    """Rebuild the shipped weights into ``out_dir`` (default ``adpo/world/weights``) and rewrite the manifest.
+
+    Stages: "clip" (WorldCLIP, :func:`adpo.world.clip.train_world_clip`), "small", "large" (projectors, on the
+    WorldCLIP found in ``out_dir/clip``). Returns ``{stage: training record, "wall_seconds": {...}}``.
+    """
+    config = config or WorldBuildConfig()
+    out = Path(out_dir or config.out_dir or WEIGHTS_DIR)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown build stages {unknown}; choose from {list(STAGES)}")
+    results: dict = {"wall_seconds": {}}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        started = time.time()
+        if stage == "clip":
+            from adpo.world.clip import train_world_clip
+
+            _, _, record = train_world_clip(out / "clip", seed=config.seed, progress=progress)
+        else:
+            stage_config = getattr(config, stage)
+            stage_config.size = stage
+            _, _, record = train_projector(stage_config, clip_weights_dir=out / "clip", out_dir=out, progress=progress)
+        results[stage] = record
+        results["wall_seconds"][stage] = round(time.time() - started, 1)
+    write_manifest(out)
+    return results

@@ -1,0 +1,250 @@
+"""``adpo world``: build | info | eval for the bundled world.
+
+    adpo world info                          # LM packages, caches, shipped weights and their hashes
+    adpo world build [--stages clip small large] [--out DIR] [--steps N]
+    adpo world eval [--sizes small large] [--clean-images 500] [--robust-images 100] [--eps 2 4 8]
+                    [--steps 50] [--out runs/world_eval.json] [--update-config]
+
+``eval`` uses the evaluation protocol of :mod:`adpo.eval` (the same sampling, generation, metrics and APGD
+as ``adpo eval``): WorldCLIP zero-shot accuracy, then per LVLM clean VQA exact match and caption CIDEr, and
+VQA exact match under untargeted APGD on the LM loss at each epsilon. With ``--update-config`` the measured
+metrics and the working epsilon (the smallest epsilon at which every evaluated LVLM's robust VQA accuracy is
+<= 10 %) go into ``adpo/world/world.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+BREAK_THRESHOLD = 0.10  # robust VQA accuracy at or below which the world counts as broken at an epsilon
+
+
+def _info() -> int:
+    from adpo.world.lm import WORLD_LMS, cache_root, lm_cache_dir, lm_installed
+    from adpo.world.lvlm import MANIFEST_PATH, SIZES, WEIGHTS_DIR, assembled_cache_dir, read_manifest, verify_manifest
+
+    print(f"cache root: {cache_root()}")
+    for name, lm in WORLD_LMS.items():
+        state = "installed" if lm_installed(name) else f"MISSING -> {lm.install_command}"
+        cached = "converted" if (lm_cache_dir(name) / "config.json").is_file() else "not converted yet"
+        print(f"LM {name}: {lm.description}: {state}; cache {lm_cache_dir(name)} ({cached})")
+    if not MANIFEST_PATH.is_file():
+        print(f"shipped weights: {MANIFEST_PATH} missing (run `adpo world build`)")
+        return 1
+    manifest = read_manifest()
+    status = verify_manifest()
+    print(f"shipped weights in {WEIGHTS_DIR}: {len(status)} files, {manifest['total_bytes'] / 1e6:.1f} MB")
+    for rel, verdict in status.items():
+        print(f"  {verdict:13s} {rel}  {manifest['files'][rel]['sha256'][:16]}")
+    for size in SIZES:
+        try:
+            folder = assembled_cache_dir(size)
+            print(f"LVLM {size}: assembled cache {folder} ({'present' if (folder / 'config.json').is_file() else 'built on first load'})")
+        except FileNotFoundError as error:
+            print(f"LVLM {size}: {error}")
+    return 0 if all(v == "ok" for v in status.values()) else 1
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def _eval_config(size: str, task: str, n: int, eps: list[str], steps: int, batch_size: int, progress: bool):
+    from adpo.eval.config import EvalConfig
+
+    return EvalConfig(
+        model=f"world:{size}", task=task, data="world:test", num_samples=n, questions_per_image=1,
+        max_new_tokens=4 if task == "vqa" else 24, eps=eps, steps=steps, precision_schedule=["float32"],
+        vqa_targets=[], step_check_steps=0, batch_size=batch_size, num_examples=0, progress=progress,
+        device="cpu",
+    )
+
+
+def _clean_metrics(config, model, samples, pixels, batch_size: int) -> dict:
+    from adpo.eval.protocol import make_task, predict_in_batches
+
+    task = make_task(config, samples)
+    outputs = predict_in_batches(model, pixels, samples, batch_size)
+    aggregated = task.aggregate(samples, outputs, task.score(samples, outputs))
+    return {**aggregated, "num_samples": len(samples), "examples": [[s.prompt, o] for s, o in list(zip(samples, outputs))[:5]]}
+
+
+def evaluate_world(
+    sizes=("small", "large"),
+    clean_images: int = 500,
+    robust_images: int = 100,
+    eps=("2/255", "4/255", "8/255"),
+    steps: int = 50,
+    batch_size: int = 16,
+    captions: bool = True,
+    zeroshot: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Score the world (see the module docstring); returns the results dict."""
+    from adpo.eval.loading import load_samples, prepare
+    from adpo.eval.protocol import GenerativeModel, make_task, predict_in_batches, run_protocol
+    from adpo.preprocess import to_pixels
+
+    eps = [str(e) for e in eps]
+    results: dict = {"test_split": "world:test", "protocol": {
+        "clean_images": clean_images, "robust_images": robust_images, "eps": eps, "apgd_steps": steps,
+        "attack": "untargeted APGD on the LM loss of the reference answer, fp32, per-sample early stop",
+        "questions_per_image": 1, "vqa_metric": "exact match (adpo.eval.metrics)", "caption_metric": "CIDEr-D",
+    }}
+    started = time.time()
+    if zeroshot:
+        from adpo.eval.config import EvalConfig
+
+        config = EvalConfig(task="zeroshot", model="world:clip", clip_model="world:clip", num_samples=clean_images,
+                            eps=eps, steps=steps, device="cpu", num_examples=0, progress=progress)
+        model, samples, pixels, class_names = prepare(config)
+        task = make_task(config, samples, class_names)
+        outputs = predict_in_batches(model, pixels, samples, 250)
+        results["zeroshot"] = {**task.aggregate(samples, outputs, task.score(samples, outputs)), "num_samples": len(samples)}
+    for size in sizes:
+        entry: dict = {}
+        size_started = time.time()
+        vqa_config = _eval_config(size, "vqa", clean_images, eps, steps, batch_size, progress)
+        model, samples, pixels, _ = prepare(vqa_config)
+        entry["vqa_clean"] = _clean_metrics(vqa_config, model, samples, pixels, 32)
+        if captions:
+            caption_config = _eval_config(size, "caption", clean_images, eps, steps, batch_size, progress)
+            caption_samples, _ = load_samples(caption_config)
+            caption_pixels = to_pixels([s.image for s in caption_samples], model.view.processor)
+            caption_model = GenerativeModel(model.view, caption_config.max_new_tokens)
+            entry["caption_clean"] = _clean_metrics(caption_config, caption_model, caption_samples, caption_pixels, 32)
+        if robust_images and eps:
+            n = min(robust_images, len(samples))
+            report = run_protocol(replace(vqa_config, num_samples=n), model, samples[:n], pixels[:n], write=False)
+            entry["vqa_robust"] = {
+                row["eps_label"]: {**row["metrics"], "num_samples": n, "num_attacked": row["num_attacked"],
+                                   "gradient_steps": row["gradient_steps"], "seconds": round(row["seconds"], 1)}
+                for row in report["robust"]
+            }
+            entry["vqa_clean_on_robust_subset"] = report["clean"]
+        entry["seconds"] = round(time.time() - size_started, 1)
+        results[size] = entry
+        del model
+    results["working_eps"] = working_eps(results, sizes, eps)
+    results["seconds"] = round(time.time() - started, 1)
+    return results
+
+
+def working_eps(results: dict, sizes, eps) -> dict | None:
+    """The smallest epsilon at which robust VQA exact match of every evaluated LVLM is <= 10 %."""
+    from adpo.threat import parse_eps
+
+    for label in sorted(eps, key=parse_eps):
+        values = [results.get(size, {}).get("vqa_robust", {}).get(label, {}).get("exact_match") for size in sizes]
+        if values and all(v is not None and v <= BREAK_THRESHOLD for v in values):
+            value = parse_eps(label)
+            return {"label": label, "eps": round(value, 8), "eps_255": round(value * 255)}
+    return None
+
+
+def update_world_config(results: dict) -> Path:
+    """Write the measured metrics (and the working epsilon, when one was found) into world.yaml (atomic)."""
+    import yaml
+
+    from adpo.world import WORLD_CONFIG_PATH
+
+    config = yaml.safe_load(WORLD_CONFIG_PATH.read_text()) or {}
+    metrics = {"protocol": results["protocol"]}
+    if "zeroshot" in results:
+        metrics["zeroshot_accuracy"] = round(results["zeroshot"]["accuracy"], 4)
+        metrics["zeroshot_samples"] = results["zeroshot"]["num_samples"]
+    for size in ("small", "large"):
+        if size not in results:
+            continue
+        entry = results[size]
+        row = {"vqa_exact_match": round(entry["vqa_clean"]["exact_match"], 4), "vqa_samples": entry["vqa_clean"]["num_samples"]}
+        if "caption_clean" in entry:
+            row["caption_cider"] = round(entry["caption_clean"]["cider"], 4)
+            row["caption_samples"] = entry["caption_clean"]["num_samples"]
+        if "vqa_robust" in entry:
+            row["vqa_robust_exact_match"] = {k: round(v["exact_match"], 4) for k, v in entry["vqa_robust"].items()}
+            row["vqa_robust_samples"] = next(iter(entry["vqa_robust"].values()))["num_samples"]
+            row["apgd_steps"] = results["protocol"]["apgd_steps"]
+        metrics[size] = row
+    config["metrics"] = metrics
+    if results.get("working_eps"):
+        config["working_eps"] = results["working_eps"]["eps"]
+        config["working_eps_255"] = results["working_eps"]["eps_255"]
+        config["working_eps_measured"] = True
+    text = "# The bundled world's settings and measured metrics (read by adpo.world.world_config()).\n"
+    text += "# Written by `adpo world eval --update-config`; later stages default to working_eps.\n"
+    text += yaml.safe_dump(config, sort_keys=False)
+    tmp = WORLD_CONFIG_PATH.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, WORLD_CONFIG_PATH)
+    return WORLD_CONFIG_PATH
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adpo world", description="The bundled offline world: build | info | eval.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what is installed: LM packages, caches, shipped weights (hash check)")
+    build = sub.add_parser("build", help="rebuild every shipped weight from scratch (seeded)")
+    build.add_argument("--stages", nargs="+", default=["clip", "small", "large"], choices=["clip", "small", "large"])
+    build.add_argument("--out", default=None, help="weights folder (default: the package's adpo/world/weights)")
+    build.add_argument("--steps", type=int, default=None, help="projector training steps (default: as shipped)")
+    build.add_argument("--train-images", type=int, default=None)
+    build.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser("eval", help="score the world: zero-shot, clean and robust VQA, CIDEr")
+    evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"])
+    evaluate.add_argument("--clean-images", type=int, default=500)
+    evaluate.add_argument("--robust-images", type=int, default=100)
+    evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"])
+    evaluate.add_argument("--steps", type=int, default=50, help="APGD steps")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--no-captions", action="store_true")
+    evaluate.add_argument("--no-zeroshot", action="store_true")
+    evaluate.add_argument("--out", default="runs/world_eval.json")
+    evaluate.add_argument("--update-config", action="store_true", help="write metrics + working eps into world.yaml")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    progress = sys.stderr.isatty()
+    if args.command == "info":
+        return _info()
+    if args.command == "build":
+        from adpo.world.build import WorldBuildConfig, build_world
+
+        config = WorldBuildConfig(seed=args.seed)
+        for stage_config in (config.small, config.large):
+            stage_config.seed = args.seed
+            if args.steps is not None:
+                stage_config.steps = args.steps
+            if args.train_images is not None:
+                stage_config.train_images = args.train_images
+        results = build_world(out_dir=args.out, stages=args.stages, config=config, progress=progress)
+        print(json.dumps({"wall_seconds": results["wall_seconds"]}, indent=2))
+        return 0
+    results = evaluate_world(
+        sizes=args.sizes, clean_images=args.clean_images, robust_images=args.robust_images, eps=args.eps,
+        steps=args.steps, batch_size=args.batch_size, captions=not args.no_captions, zeroshot=not args.no_zeroshot,
+        progress=progress,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)
+    if args.update_config:
+        update_world_config(results)
+    print(json.dumps({k: v for k, v in results.items() if k != "protocol"}, indent=2)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
