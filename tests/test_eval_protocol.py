@@ -234,3 +234,35 @@ def test_vqa_passes_per_distinct_answer_and_targets():
     ]
     # A target equal to the reference answer cannot break the sample: skipped.
     assert [(p.key, p.early_stop) for p in task.passes(single)] == [("answer#0", True), ("target:Word", True)]
+
+
+def test_cli_zeroshot_with_a_clip_model_and_hf_dataset(tmp_path):
+    import datasets
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from adpo.eval.cli import main
+    from adpo.testing import tiny_image_processor, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=16, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    names = ["red circle", "blue square", "green star"]
+    rows = {"image": [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)], "label": [0, 1, 2, 0]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "data"))
+    argv = ["--task", "zeroshot", "--model", str(tmp_path / "clip"), "--clip_model", str(tmp_path / "clip"), "--data", str(tmp_path / "data"),
+            "--num_samples", "4", "--eps", "8/255", "--steps", "2", "--precision_schedule", "float32", "--step_check_steps", "0",
+            "--zeroshot_target_classes", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["task"] == "zeroshot" and report["num_samples"] == 4
+    assert report["robust"][0]["metrics"]["accuracy"] <= report["clean"]["accuracy"]
+    assert set(report["protocol"]["passes"]) == {"ce", "target#0"}

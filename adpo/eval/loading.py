@@ -122,7 +122,7 @@ def build_zeroshot_model(config: EvalConfig, class_names: list[str]):
         # The encoder's pooled CLS embedding through CLIP's visual projection into the text space.
         return clip.visual_projection(tower.pooled(pixels).to(clip.visual_projection.weight.dtype))
 
-    logit_scale = float(clip.logit_scale.exp())
+    logit_scale = float(clip.logit_scale.detach().exp())
     return ZeroShotModel(embed, classes, class_names, logit_scale, (tower, clip), device), processor
 
 
