@@ -8,7 +8,6 @@ from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGene
 from adpo.lvlm import export_encoder, find_vision_tower, load_encoder, save_encoder
 from adpo.preprocess import to_uint8_images
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
-from adpo.threat import ThreatModel
 from transfer.cli import main
 from transfer.graft import component_hashes
 from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file
@@ -36,7 +35,8 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     target = write_lvlm(large, large_processor, tmp_path / "target")
     out = tmp_path / "grafted"
     argv = ["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(out),
-            "--verify-data", image_folder(tmp_path / "images"), "--verify-samples", "4", "--max-new-tokens", "4"]
+            "--verify-data", image_folder(tmp_path / "images"), "--verify-samples", "4", "--max-new-tokens", "4",
+            "--robust-eps", "4/255", "--robust-steps", "1"]
     assert main(argv) == 0
     report = json.loads((out / "graft_report.json").read_text())
     assert report["donor"]["kind"] == "encoder directory" and report["donor"]["card"] == {"method": "test"}
@@ -48,6 +48,7 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     # the donor encoder and the grafted tower are the same weights on the same pixels
     assert verification["tower_cosine_llm_features_min"] > 0.9999
     assert verification["num_samples"] == 4 and 0.0 <= verification["answer_agreement_exact"] <= 1.0
+    assert "no reference answers" in verification["grafted_robust_note"]  # an image folder has no answers
     assert "Geometry checks" in (out / "graft_report.md").read_text()
     LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
@@ -135,7 +136,7 @@ def test_robust_accuracy_never_exceeds_clean():
     model, processor = tiny_llava(seed=4)
     images = to_uint8_images(random_pixels(2, seed=3))
     samples = [Sample(image, "what color is the circle ?", ["red"]) for image in images]
-    result = robust_vqa_accuracy(model, processor, samples, ThreatModel(eps=8 / 255), steps=2, max_new_tokens=2)
+    result = robust_vqa_accuracy(model, processor, samples, "8/255", steps=2, max_new_tokens=2)
     assert result["num_samples"] == 2
     assert 0.0 <= result["vqa_accuracy_robust"] <= result["vqa_accuracy_clean"] <= 1.0
 

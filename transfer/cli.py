@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def transfer(config: TransferConfig) -> int:
     from adpo.lvlm import LlavaView, VisionTower, load_lvlm
-    from adpo.threat import ThreatModel, parse_eps
     from transfer.geometry import GraftOptions
     from transfer.graft import check_donor, ensure_writable, graft_encoder, grafted_summary, load_donor, save_grafted
     from transfer.realign import RealignConfig, realign_projector
@@ -115,14 +114,14 @@ def transfer(config: TransferConfig) -> int:
         return 0 if geometry.ok else 1
     geometry.raise_if_incompatible()
 
-    threat = ThreatModel(norm=config.robust_norm, eps=parse_eps(config.robust_eps)) if config.robust_eps else None
+    robust = dict(eps=config.robust_eps, steps=config.robust_steps, norm=config.robust_norm,
+                  max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
     samples = load_samples(config.verify_data, config.verify_samples) if config.verify_data else []
     original_answers, robust_before = [], None
     if samples:
         original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers")
-        if threat:
-            robust_before = robust_vqa_accuracy(model, processor, samples, threat, config.robust_steps,
-                                                config.max_new_tokens, config.batch_size, config.seed)
+        if config.robust_eps:
+            robust_before = robust_vqa_accuracy(model, processor, samples, **robust)
 
     outcome = graft_encoder(model, processor, donor, options)
     report = grafted_summary(outcome, donor, config.target, out)
@@ -130,9 +129,8 @@ def transfer(config: TransferConfig) -> int:
     def verification() -> dict:
         grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
         section = answer_agreement(original_answers, grafted, samples)
-        if threat:
-            after = robust_vqa_accuracy(model, processor, samples, threat, config.robust_steps, config.max_new_tokens,
-                                        config.batch_size, config.seed)
+        if config.robust_eps:
+            after = robust_vqa_accuracy(model, processor, samples, **robust)
             section |= {f"original_{k}": v for k, v in robust_before.items()} | {f"grafted_{k}": v for k, v in after.items()}
         return section
 

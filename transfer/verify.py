@@ -18,13 +18,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from adpo.attacks import apgd
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
 from adpo.lvlm import LlavaView, VisionTower, cosine_similarity
-from adpo.objectives import LanguageModelLoss
 from adpo.preprocess import image_processor_of, to_pixels
 from adpo.sources import open_source
-from adpo.threat import ThreatModel
 
 DEFAULT_QUESTION = "What is in the image?"
 
@@ -132,31 +129,26 @@ def answer_agreement(original: Sequence[str], grafted: Sequence[str], samples: S
             "vqa_accuracy_grafted": vqa_accuracy(grafted, samples)}
 
 
-def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], threat: ThreatModel, steps: int,
+def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], eps: str, steps: int, norm: str = "linf",
                         max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0) -> dict:
-    """Clean and robust VQA accuracy under APGD on the LM loss of the first reference answer.
+    """Clean and robust VQA accuracy by the evaluation protocol of :mod:`adpo.eval.protocol`, as a quick check:
+    one ε, untargeted APGD on each reference answer's LM loss, one fp32 stage, no step check. For the full
+    protocol run ``adpo eval`` on the saved directory."""
+    from adpo.eval.config import EvalConfig
+    from adpo.eval.protocol import GenerativeModel, run_protocol
+    from adpo.eval.protocol import Sample as EvalSample
 
-    A sample counts as robust when both its clean and its adversarial answer are correct (per-sample
-    minimum), so a failed attack never makes a wrong model look right.
-    """
     scored = [s for s in samples if s.answers]
     if not scored:
         return {"robust_note": "no reference answers: robust accuracy not measured"}
-    view = LlavaView(model, processor)
-    generator = torch.Generator(device=view.device).manual_seed(seed)
-    clean_scores, robust_scores = [], []
-    for _, batch in tqdm(list(_batches(scored, batch_size)), desc=f"robust ({threat.describe()})", leave=False):
-        pixels = to_pixels([s.image for s in batch], processor).to(view.device)
-        questions = [s.question for s in batch]
-        encoded = view.encode(questions, [s.answers[0] for s in batch]).to(view.device)
-        objective = LanguageModelLoss(view, encoded.input_ids, encoded.attention_mask, encoded.labels)
-        adversarial = apgd(objective, pixels, threat, steps, generator=generator).x_adv
-        clean = view.generate(pixels, questions, max_new_tokens=max_new_tokens)
-        attacked = view.generate(adversarial, questions, max_new_tokens=max_new_tokens)
-        for sample, clean_answer, attacked_answer in zip(batch, clean, attacked):
-            clean_score = vqa_soft_accuracy(clean_answer, sample.answers)
-            clean_scores.append(clean_score)
-            robust_scores.append(min(clean_score, vqa_soft_accuracy(attacked_answer, sample.answers)))
-    return {"threat": threat.describe(), "attack": f"APGD {steps} steps on the reference answer's LM loss",
-            "num_samples": len(scored), "vqa_accuracy_clean": sum(clean_scores) / len(scored),
-            "vqa_accuracy_robust": sum(robust_scores) / len(scored)}
+    config = EvalConfig(model="in-memory graft", task="vqa", num_samples=len(scored), eps=[eps], norm=norm, steps=steps,
+                        precision_schedule=["float32"], vqa_targets=[], step_check_steps=0, batch_size=batch_size,
+                        seed=seed, num_examples=0, progress=False, max_new_tokens=max_new_tokens)
+    eval_samples = [EvalSample(str(i), None, s.question, list(s.answers)) for i, s in enumerate(scored)]
+    pixels = to_pixels([s.image for s in scored], processor)
+    report = run_protocol(config, GenerativeModel(LlavaView(model, processor), max_new_tokens), eval_samples, pixels, write=False)
+    row = report["robust"][0]
+    metric = report["primary_metric"]
+    return {"threat": f"{norm} eps={row['eps_label']}", "attack": f"APGD {steps} steps per reference answer (adpo eval protocol)",
+            "num_samples": len(scored), "vqa_accuracy_clean": report["clean"][metric],
+            "vqa_accuracy_robust": row["metrics"][metric]}
