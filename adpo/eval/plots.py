@@ -45,6 +45,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; reports are meant to be shared
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -65,7 +66,8 @@ def plot_metric_vs_eps(curves: Sequence[Curve], path: str | os.PathLike, metric_
         ax.plot(xs, ys, marker="o", label=curve.label)
     ax.set_xlabel("ε (×1/255, 0 = clean)")
     ax.set_ylabel(metric_label)
-    ax.set_ylim(bottom=0)
+    top = ax.get_ylim()[1]
+    ax.set_ylim(-0.03 * top, top)  # markers at 0 stay visible
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     if title:

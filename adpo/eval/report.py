@@ -73,6 +73,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; reports are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
