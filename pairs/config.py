@@ -46,7 +46,7 @@ class PairsConfig:
     source: str = field(
         default="",
         metadata={"help": "Image source: an image folder, a saved HF dataset directory, a COCO captions .json, a hub "
-                          "dataset id, or 'world' / 'world:<split>' (the bundled world)."},
+                          "dataset id, or 'world' / 'world:<split>' (the bundled world; the default for 'world:' models)."},
     )
     source_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of the world."})
     image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
@@ -108,7 +108,7 @@ class PairsConfig:
         if not self.output_dir:
             raise ValueError("output_dir is required")
 
-        if not self.source:
+        if not self.resolved_source():
             raise ValueError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
         if self.image_root and not Path(self.image_root).expanduser().is_dir():
             raise ValueError(f"image_root {self.image_root!r} is not a directory")
@@ -142,6 +142,12 @@ class PairsConfig:
             raise ValueError("batch_size and images_per_shard must be >= 1")
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub needs hub_repo_id (e.g. 'me/adpo-pairs')")
+
+    def resolved_source(self) -> str:
+        """The source spec; world models default to the world's images."""
+        if not self.source and self.model_name_or_path.startswith("world:"):
+            return "world"
+        return self.source
 
     def prompt_list(self) -> list[str]:
         return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)

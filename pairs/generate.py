@@ -21,6 +21,7 @@ import io
 import json
 import math
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -250,7 +251,9 @@ def run(config: PairsConfig) -> dict:
     config.validate()
     eps = config.eps_value()
     prompts = config.prompt_list()
-    state = PartialState(cpu=_cpu_only())
+    # A process whose shards are all finished (e.g. on resume) waits at the final barrier for the others:
+    # the default 30-minute collective timeout would kill long runs, hence the long one.
+    state = PartialState(cpu=_cpu_only(), timeout=timedelta(hours=72))
     output_dir = Path(config.output_dir).expanduser()
 
     source = open_image_source(config)

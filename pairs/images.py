@@ -56,5 +56,5 @@ def open_image_source(config: PairsConfig) -> RunImages:
     hf_columns = {"image_column": config.image_column}
     if config.id_column:
         hf_columns["id_column"] = config.id_column
-    source = open_source(config.source, split=config.source_split, n=config.max_images, image_root=config.image_root, **hf_columns)
+    source = open_source(config.resolved_source(), split=config.source_split, n=config.max_images, image_root=config.image_root, **hf_columns)
     return RunImages(source)
