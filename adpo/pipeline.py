@@ -173,7 +173,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             transfer_dir = out / "transfer" / method
 
             def run_transfer(method: str = method, transfer_dir: Path = transfer_dir) -> None:
-                path = _stage_config(transfer_dir, config.transfer, {"encoder": str(trained_encoder(method)), "target": config.large_model, "out": str(transfer_dir / "model")})
+                path = _stage_config(transfer_dir, config.transfer, {"encoder": str(trained_encoder(method)), "target": config.large_model, "out": str(transfer_dir / "model"), "overwrite": True})
                 _adpo(["transfer", "--config", str(path)])
 
             stages.append(Stage(f"transfer-{method}", transfer_dir, run_transfer))
