@@ -236,3 +236,37 @@ def test_resume_argument():
     assert resume_argument(None) is None and resume_argument("false") is None
     assert resume_argument("true") is True and resume_argument("last") is True
     assert resume_argument("out/checkpoint-2") == "out/checkpoint-2"
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tecoa.yaml"
+    # Deterministic on purpose: no random start (TeCoA's cross-entropy has a gradient at the clean image, unlike
+    # FARE's distance), an l2 attack and SGD, so no sign step turns round-off between batch sizes into a flip.
+    config.write_text(
+        f"model_name_or_path: {assets['clip']}\ndataset: {assets['images64']}\noutput_dir: {tmp_path / 'ddp'}\n"
+        "per_device_train_batch_size: 2\nmax_steps: 2\noptim: sgd\nlearning_rate: 0.01\nwarmup_steps: 0\n"
+        "attack_steps: 2\nnorm: l2\neps: '0.5'\nattack_step_size: '0.25'\nattack_momentum: 0\n"
+        "attack_random_start: false\nsave_strategy: 'no'\ndisable_tqdm: true\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(repo / "trainers" / "tecoa.py"), "--config", str(config)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    card = json.loads((tmp_path / "ddp" / "adpo_card.json").read_text())
+    assert card["optimizer_steps"] == 2 and card["effective_batch_size"] == 4  # two processes really ran
+
+    assert tecoa.main(["--config", str(config), "--per_device_train_batch_size", "4",
+                       "--output_dir", str(tmp_path / "one"), "--use_cpu", "true"]) == 0
+    ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")
+    original = canonical_encoder_state(CLIPModel.from_pretrained(assets["clip"]).vision_model.state_dict())
+    assert _changed(original, ddp)
+    for name, value in one.items():
+        assert torch.allclose(ddp[name], value, atol=1e-6), f"{name}: DDP run differs from the single-process run"

@@ -135,6 +135,10 @@ class EncoderTrainingConfig(TrainingArguments):
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.attack_steps < 0:
             raise ValueError(f"attack_steps must be >= 0, got {self.attack_steps}")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+            # Several CPU processes under accelerate/torchrun join a (gloo) process group only with use_cpu;
+            # otherwise each would train alone on all the data.
+            self.use_cpu = True
         super().__post_init__()
 
     @property
@@ -149,6 +153,11 @@ class EncoderTrainingConfig(TrainingArguments):
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 def resolve_eps(value: str | float) -> float:
@@ -343,6 +352,8 @@ class EncoderAdversarialTrainer(Trainer):
     objective_description: str = ""
     #: whether batches carry class labels (TeCoA)
     needs_labels: bool = False
+    #: the attack objective is a distance to the clean embedding, flat at x' = x (FARE, Sim-CLIP)
+    zero_gradient_at_clean: bool = False
 
     def __init__(
         self,
@@ -363,6 +374,9 @@ class EncoderAdversarialTrainer(Trainer):
         self.image_processor = image_processor
         self.source = dict(source or {})
         self.threat = args.threat
+        if self.zero_gradient_at_clean and not args.attack_random_start and args.attack_steps > 0:
+            logger.warning("%s's attack objective has zero gradient at the clean image: without attack_random_start "
+                           "PGD cannot leave it and training sees no adversarial images", self.method)
         self._micro_step = (-1, 0)  # (global step, micro-batches attacked during it)
 
     # --- method hooks -------------------------------------------------------------------------------

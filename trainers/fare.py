@@ -44,6 +44,7 @@ class FareConfig(EncoderTrainingConfig):
 
 class FareTrainer(EncoderAdversarialTrainer):
     method = "fare"
+    zero_gradient_at_clean = True
     objective_description = (
         "min_theta E_x max_{x' in B(x,eps)} ||phi_theta(x') - phi_orig(x)||_2^2 "
         "(unnormalised, summed over dimensions, batch mean; the same distance drives PGD)"

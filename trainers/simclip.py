@@ -41,6 +41,7 @@ class SimClipConfig(EncoderTrainingConfig):
 
 class SimClipTrainer(EncoderAdversarialTrainer):
     method = "simclip"
+    zero_gradient_at_clean = True
     objective_description = (
         "min_theta E_x 1 - cos(phi_theta(x'), stopgrad(phi_theta(x))); "
         "x' = PGD maximising ||phi_theta(x') - phi_theta(x)||_2^2 in B(x,eps)"
