@@ -63,6 +63,23 @@ def test_yaml_config_with_command_line_override(tmp_path):
     config.validate()
 
 
+@pytest.mark.parametrize("name", ["world", "llava15_paper"])
+def test_shipped_configs_parse_and_validate(tmp_path, name):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "pairs" / f"{name}.yaml"
+    overrides = ["--output_dir", str(tmp_path / "out")]
+    if name == "llava15_paper":  # COCO is not on the test machine: point at stand-ins
+        (tmp_path / "captions.json").write_text("{}")
+        overrides += ["--source", str(tmp_path / "captions.json"), "--image_root", str(tmp_path)]
+    config = parse_config(["--config", str(path), *overrides])
+    config.validate()
+    if name == "llava15_paper":
+        assert (config.eps_value(), config.steps, config.norm, config.prompt_list()) == (pytest.approx(2 / 255), 10, "linf", ["What is in the image?"])
+    else:
+        assert config.resolved_source() == "world" and config.model_name_or_path == "world:small"
+
+
 def test_unknown_yaml_key_is_refused(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model_name_or_path: m\nepsilon: 2\n")

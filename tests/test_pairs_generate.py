@@ -87,7 +87,7 @@ def make_config(workspace: Path, out: Path, **overrides) -> PairsConfig:
 
 
 def content(dataset) -> dict:
-    return {name: dataset[name] for name in CONTENT_COLUMNS if name in dataset.column_names}
+    return {name: list(dataset[name]) for name in CONTENT_COLUMNS if name in dataset.column_names}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,17 @@ def test_stored_adversarial_image_is_in_the_ball_of_the_stored_clean_image(unint
         assert bool(threat.contains(adv, clean).all())
         moved += int((adv != clean).any())
     assert moved == len(dataset)  # the attack did perturb every image
+
+
+def test_stored_images_pass_through_the_processor_unchanged(uninterrupted):
+    # the trainer re-reads the stored images with to_pixels: already at the model's size, they must come back exactly
+    _, _, dataset = uninterrupted
+    _, processor = tiny_llava()
+    rows = dataset.select(range(4))
+    for column in ("image", "adv_image"):
+        images = list(rows[column])
+        stored = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
+        assert torch.equal((to_pixels(images, processor) * 255).round(), stored)
 
 
 def test_stored_clean_image_is_exactly_what_the_attack_started_from(workspace, uninterrupted):
