@@ -48,3 +48,15 @@ def test_command_line_overrides_the_file():
 def test_bad_values_are_named():
     with pytest.raises(ValueError, match="embedding"):
         _parse("fare", CONFIGS / "fare" / "clip-vit-l14-336-eps2.yaml", "--embedding", "cls")
+
+
+@pytest.mark.parametrize("method", sorted(CLASSES))
+def test_world_configs_use_the_world_eps_and_the_world_clip(method):
+    from adpo.world import world_config
+
+    config = _parse(method, CONFIGS / method / "world.yaml")
+    assert config.threat.eps == pytest.approx(float(world_config()["working_eps"]))
+    assert config.model_name_or_path == "world:clip" and config.dataset == "world"
+    assert config.attack_steps == 10 and config.threat.alpha == pytest.approx(1 / 255)
+    if method == "tecoa":
+        assert config.text_model_name_or_path == "world:clip" and config.class_prompt_template == "a photo of a {}"
