@@ -1,7 +1,15 @@
 """Rebuild every shipped weight of the bundled world: WorldCLIP, then the small and large LVLM projectors.
 
 Projector training (LLaVA stage 1, on the world's data): the vision tower and the LM are frozen, only the
-2-layer GELU projector learns, with the LM loss on the answer tokens. To keep it affordable on 2 CPU cores:
+2-layer GELU projector learns. Back-propagating through a frozen 135M/270M LM costs over a second per
+sequence on a shared 2-core CPU, so training has two phases:
+
+1. alignment (no LM pass, seconds): the projector regresses the LM's own input embeddings of a short
+   textual description of the image ("two: big red circle left, small blue square right."), so that
+   the LM first "reads" the image tokens as words;
+2. the LM loss on the answer tokens of world VQA (and a few captions), which teaches the answer format.
+
+To keep phase 2 affordable:
 
 * the tower's LLM features (layer -2, CLS dropped) are computed once for all training images;
 * each sequence packs several question/answer turns about one image (the 16 image tokens and the template
@@ -54,6 +62,9 @@ class ProjectorTrainingConfig:
     caption_fraction: float = 0.1  # sequences that are one caption turn instead
     learning_rate: float = 2e-3
     warmup_steps: int = 10
+    align_steps: int = 400  # phase 1 (embedding regression) steps
+    align_batch_size: int = 128
+    align_learning_rate: float = 1e-3
     bf16: bool = False  # measured: no faster than fp32 on this CPU under load, and less exact
     val_questions: int = 200  # greedy exact match on val questions at the end (0: skip)
     threads: int = 2
@@ -138,6 +149,48 @@ def tower_features(model, processor, images, batch_size: int = 250, progress: bo
         pixels = to_pixels(list(images[start : start + batch_size]), processor)
         chunks.append(tower.features(pixels).float())
     return torch.cat(chunks)
+
+
+def alignment_text(objects: list[dict], image_size: int = 64) -> str:
+    """The short description whose LM embeddings phase 1 regresses (primary object first, as in the data)."""
+    def side(obj: dict) -> str:
+        return "left" if obj["x"] < image_size / 2 else "right"
+
+    first = objects[0]
+    if len(objects) == 1:
+        return f" one {first['color']} {first['shape']}."
+    second = objects[1]
+    return (f" two: big {first['color']} {first['shape']} {side(first)},"
+            f" small {second['color']} {second['shape']} {side(second)}.")
+
+
+def alignment_targets(model, tokenizer, objects_column, n_tokens: int) -> torch.Tensor:
+    """``[N, n_tokens, H]`` LM input embeddings of each image's description, repeated to fill the image slots."""
+    embed = model.model.get_input_embeddings()
+    rows = []
+    for objects in objects_column:
+        ids = tokenizer(alignment_text(objects), add_special_tokens=False)["input_ids"]
+        rows.append([ids[k % len(ids)] for k in range(n_tokens)])
+    with torch.no_grad():
+        return embed(torch.tensor(rows)).float()
+
+
+def align_projector(model, features, targets, config, generator: torch.Generator, progress: bool = True) -> list[float]:
+    """Phase 1: MSE (in units of the target RMS) between projector outputs and the description embeddings."""
+    projector = model.model.multi_modal_projector
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.align_learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(config.align_steps, 1))
+    scale = targets.pow(2).mean().sqrt()
+    losses = []
+    for _ in tqdm(range(config.align_steps), desc=f"align {config.size}", disable=not progress, leave=False):
+        index = torch.randint(len(features), (config.align_batch_size,), generator=generator)
+        loss = ((projector(features[index]) - targets[index]) / scale).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------- model pieces
@@ -230,10 +283,7 @@ def train_projector(
     model, processor = build_world_lvlm(config.size, clip_model, clip_processor.image_processor, seed=config.seed)
 
     train = load_world_dataset("train", n=config.train_images, seed=config.data_seed, progress=progress)
-    records = [
-        {"captions": r["captions"], "questions": r["questions"], "answers": r["answers"]}
-        for r in train.remove_columns([c for c in train.column_names if c not in ("captions", "questions", "answers")])
-    ]
+    records = list(train.remove_columns([c for c in train.column_names if c not in ("captions", "questions", "answers", "objects")]))
     features = tower_features(model, processor, train["image"], progress=progress)
     n_image_tokens = features.shape[1]
     tokens = _Tokens(processor, n_image_tokens)
@@ -246,6 +296,10 @@ def train_projector(
         parameter.requires_grad_(True)
     probe_ids = torch.tensor([tokens.conversation(_sample_turns(records[i], rng, config.turns, 0.0))[0] for i in range(1)])
     scale = _match_projector_scale(model, features[:64], probe_ids[probe_ids != model.config.image_token_id][None])
+    align_started = time.time()
+    targets = alignment_targets(model, processor.tokenizer, [r["objects"] for r in records], n_image_tokens)
+    align_losses = align_projector(model, features, targets, config, torch.Generator().manual_seed(config.seed), progress)
+    align_seconds = time.time() - align_started
 
     optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, weight_decay=0.0)
 
@@ -283,6 +337,9 @@ def train_projector(
         "training": asdict(config),
         "lm": SIZES[config.size],
         "projector_init_scale": scale,
+        "align_first_loss": align_losses[0] if align_losses else None,
+        "align_final_loss": sum(align_losses[-20:]) / max(len(align_losses[-20:]), 1) if align_losses else None,
+        "align_wall_seconds": round(align_seconds, 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
         "loss_by_step": [round(v, 4) for v in losses],

@@ -70,6 +70,7 @@ def cache_root() -> Path:
 
 
 def lm_cache_dir(name: str) -> Path:
+    _spec(name)
     return cache_root() / "lm" / f"{name}-v{CONVERSION_VERSION}"
 
 

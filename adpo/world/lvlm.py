@@ -45,7 +45,7 @@ VISION_FEATURE_SELECT_STRATEGY = "default"
 
 # One template for both LMs. The assistant turn is " {answer}{eos}"; the generation prompt ends at "Assistant:".
 CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{{- bos_token if bos_token else '' -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}User:{%- else -%}Assistant: {% endif -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"

