@@ -426,6 +426,7 @@ class EncoderAdversarialTrainer(Trainer):
             "objective": self.objective_description,
             **self.source,
             "embedding": args.embedding,
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "threat_model": self.threat.describe(),
             "norm": self.threat.norm,
             "eps": self.threat.eps,
@@ -503,7 +504,8 @@ def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
 
-        resume = get_last_checkpoint(trainer.args.output_dir)
+        output_dir = trainer.args.output_dir
+        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
