@@ -270,3 +270,26 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
     assert _changed(original, ddp)
     for name, value in one.items():
         assert torch.allclose(ddp[name], value, atol=1e-6), f"{name}: DDP run differs from the single-process run"
+
+
+@pytest.mark.world
+@pytest.mark.parametrize("module, config_class", [(fare, fare.FareConfig), (tecoa, tecoa.TecoaConfig)])
+def test_world_configs_train_worldclip(tmp_path, module, config_class):
+    from trl import TrlParser
+
+    from adpo.world import CLASS_NAMES
+
+    repo = Path(__file__).resolve().parents[1]
+    (config,) = TrlParser([config_class]).parse_args_and_config([
+        "--config", str(repo / "configs" / module.__name__.split(".")[-1] / "world.yaml"),
+        "--output_dir", str(tmp_path / "run"), "--max_train_samples", "8", "--per_device_train_batch_size", "4",
+        "--max_steps", "1", "--attack_steps", "1", "--save_strategy", "no", "--use_cpu", "true",
+    ])
+    trainer = module.build_trainer(config)
+    if module is tecoa:
+        assert trainer.class_names == list(CLASS_NAMES)
+    trainer.train()
+    trainer.save_model()
+    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    assert card["base_model"] == "world:clip" and card["optimizer_steps"] == 1
+    assert CLIPVisionModel.from_pretrained(tmp_path / "run").config.image_size == 64
