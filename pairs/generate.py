@@ -30,13 +30,34 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+
 from adpo.attacks import pgd
-from adpo.lvlm import LlavaView
+from adpo.lvlm import LlavaView, load_lvlm
 from adpo.objectives import EmbeddingDistance
-from adpo.preprocess import to_uint8_images
+from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
 from adpo.threat import ThreatModel
+import pairs.shards as shard_files  # write_shard looked up at call time (tests simulate a crash through it)
+from pairs.card import build_summary, render_card
 from pairs.config import PairsConfig
-from pairs.shards import ShardPlan, WorkItem, features_for
+from pairs.images import RunImages, open_image_source
+from pairs.shards import (
+    ShardPlan,
+    WorkItem,
+    atomic_write_json,
+    atomic_write_text,
+    check_or_write_manifest,
+    features_for,
+    merge_shards,
+    plan_digest,
+    plan_shards,
+    read_shard_record,
+    remove_stale_temporaries,
+    shard_columns,
+    shard_is_done,
+    shards_for_process,
+)
 
 
 def derived_seed(*parts: Any) -> int:
@@ -193,8 +214,6 @@ def rows_for_shard(
 
 
 def _load_model(config: PairsConfig, device: torch.device):
-    from adpo.lvlm import load_lvlm
-
     device_map = config.device_map
     if device_map is None and device.type != "cpu":
         device_map = str(device)  # each accelerate process loads straight onto its own device
@@ -203,10 +222,8 @@ def _load_model(config: PairsConfig, device: torch.device):
     return model.eval(), processor
 
 
-def _shard_images(source, shard: ShardPlan, processor) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _shard_images(source: RunImages, shard: ShardPlan, processor) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Pixels of the shard's readable images (processor resize/crop, [0,1]) and the skipped ones with reasons."""
-    from adpo.preprocess import ImageLoadError, to_pixels
-
     images: dict[str, torch.Tensor] = {}
     skipped: list[dict] = []
     for source_id, image_or_error in source.load(shard.image_positions):
@@ -222,32 +239,11 @@ def _shard_images(source, shard: ShardPlan, processor) -> tuple[dict[str, torch.
 
 def _cpu_only() -> bool:
     """accelerate only sets up gloo across CPU processes when told the run is CPU-only."""
-    from accelerate.utils import parse_flag_from_env
-
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def run(config: PairsConfig) -> dict:
     """Generate (or resume) the run described by ``config``; returns the summary (on every process)."""
-    from accelerate import PartialState
-
-    from pairs.card import build_summary, render_card
-    from pairs.images import open_image_source
-    from pairs.shards import (
-        atomic_write_json,
-        atomic_write_text,
-        check_or_write_manifest,
-        merge_shards,
-        plan_digest,
-        plan_shards,
-        read_shard_record,
-        remove_stale_temporaries,
-        shard_columns,
-        shard_is_done,
-        shards_for_process,
-        write_shard,
-    )
-
     config.validate()
     eps = config.eps_value()
     prompts = config.prompt_list()
@@ -293,7 +289,7 @@ def run(config: PairsConfig) -> dict:
                 rows = rows_for_shard(generator, shard, images, config, config.model_name_or_path, bar)
                 record = {"skipped": skipped, "num_items": len(shard.items), "seconds": time.perf_counter() - started,
                           "process_index": state.process_index}
-                write_shard(output_dir, shard.shard_index, rows, features, record)
+                shard_files.write_shard(output_dir, shard.shard_index, rows, features, record)
     state.wait_for_everyone()
 
     summary_path = output_dir / "summary.json"
