@@ -2,13 +2,13 @@
 
 For a batch of images (each with its seeded prompts):
 
-1. y_w = the model's answers on the clean images x (batched ``LlavaView.generate``);
-2. x_adv = PGD on the FARE objective ‖φ(x') − φ_orig(x)‖² (``adpo.attacks.pgd`` +
+1. x_adv = PGD on the FARE objective ‖φ(x') − φ_orig(x)‖² (``adpo.attacks.pgd`` +
    ``adpo.objectives.EmbeddingDistance``). The model is never modified here, so its own tower *is* the
    original tower φ_orig. The attack depends on the image only, so it runs once per image, not per prompt;
-3. x_adv is put on the uint8 grid (what the PNG stores) without leaving the ε-ball, and every later
+2. x_adv is put on the uint8 grid (what the PNG stores) without leaving the ε-ball, and every later
    number (y_l, the achieved distance, the reference log-probs) is computed on that stored image;
-4. y_l = the model's answers on x_adv; optionally the reference log-probs log π(y_w|x,q) and
+3. y_w and y_l = the model's answers on the clean images and on x_adv, in one batched ``LlavaView.generate``
+   call; optionally the reference log-probs log π(y_w|x,q) and
    log π(y_l|x_adv,q) (``LlavaView.answer_scores``, sums over the answer tokens as the AdPO trainer uses them).
 
 :func:`run` drives a whole run: plan, shards, resume, split across accelerate processes, merge, card.
@@ -131,16 +131,20 @@ class PairGenerator:
         return adv, distance
 
     def run_batch(self, pixels: torch.Tensor, image_of_item: Sequence[int], prompts: Sequence[str], seed: int) -> PairBatchResult:
-        """Pairs for ``prompts[j]`` about image ``image_of_item[j]`` of ``pixels``; ``seed`` fixes the random start."""
+        """Pairs for ``prompts[j]`` about image ``image_of_item[j]`` of ``pixels``; ``seed`` fixes the random start.
+
+        The attack does not depend on the answers, so it runs first and the clean and adversarial answers
+        come from one generate call over both halves (half the calls, twice the batch).
+        """
         pixels = pixels.to(self.view.device, torch.float32)
         index = torch.as_tensor(list(image_of_item), device=pixels.device)
-        chosen = self._generate(pixels[index], prompts, derived_seed(seed, "chosen"))
         adv, distance = self.attack(pixels, derived_seed(seed, "attack"))
-        rejected = self._generate(adv[index], prompts, derived_seed(seed, "rejected"))
+        answers = self._generate(torch.cat([pixels[index], adv[index]]), list(prompts) * 2, derived_seed(seed, "answers"))
+        chosen, rejected = answers[: len(prompts)], answers[len(prompts):]
         result = PairBatchResult(chosen, rejected, pixels, adv, distance)
         if self.config.compute_ref_logps:
-            result.ref_chosen_logps = self.answer_logps(pixels[index], prompts, chosen)
-            result.ref_rejected_logps = self.answer_logps(adv[index], prompts, rejected)
+            logps = self.answer_logps(torch.cat([pixels[index], adv[index]]), list(prompts) * 2, chosen + rejected)
+            result.ref_chosen_logps, result.ref_rejected_logps = logps[: len(prompts)], logps[len(prompts):]
         return result
 
     @torch.no_grad()
