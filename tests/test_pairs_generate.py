@@ -251,3 +251,14 @@ def test_two_process_run_covers_every_item_once_and_matches_one_process(workspac
     records = [json.loads(shard_paths(out, i)[1].read_text()) for i in range(3)]
     assert {r["process_index"] for r in records} == {0, 1}
     assert content(dataset) == content(reference)
+
+
+def test_a_shard_of_only_unreadable_images_merges_cleanly(workspace, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(images / "b_good.png")
+    summary = run(make_config(workspace, tmp_path / "out", source=str(images), images_per_shard=1, prompts_per_image=1))
+    dataset = load_pairs(tmp_path / "out")
+    assert list(dataset["source_id"]) == ["b_good.png"]
+    assert [entry["source_id"] for entry in summary["skipped_images"]] == ["a_bad.png"]
