@@ -188,6 +188,7 @@ def test_zero_shot_protocol_runs_ce_and_targeted_passes():
 
 def test_resolve_eps_labels_and_order():
     assert resolve_eps(["4/255", "2", 0.5 / 255]) == [(0.5 / 255, "0.5/255"), (2 / 255, "2/255"), (4 / 255, "4/255")]
+    assert resolve_eps([0.01568627]) == [(0.01568627, "4/255")]  # a rounded 4/255 still reads as 4/255
 
 
 def test_predictions_do_not_depend_on_batch_size(view, answered):

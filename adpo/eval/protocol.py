@@ -326,7 +326,7 @@ def attack_ensemble(
     attacked = [False] * len(samples)
     gradient_steps = 0
     device = model.device
-    bar = tqdm(total=len(precision_schedule) * len(keys), desc=f"attack ε={threat.eps * 255:.3g}/255", disable=not progress, leave=False)
+    bar = tqdm(total=len(precision_schedule) * len(keys), desc=f"attack ε={threat.eps * 255:.3g}/255", disable=None if progress else True, leave=False)  # None: quiet when not a TTY
     for stage, precision in enumerate(precision_schedule):
         for key in keys:
             todo = [i for i in range(len(samples)) if key in passes[i] and not broken[i]]
@@ -388,7 +388,7 @@ def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
             value = world_config()["working_eps"]
         eps = parse_eps(value)
         in_255ths = round(eps * 255, 2)
-        label = f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-6) else f"{eps:.4g}"
+        label = f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-4) else f"{eps:.4g}"
         resolved.append((eps, label))
     return sorted(set(resolved))
 
