@@ -110,6 +110,11 @@ class PairsConfig:
 
         if not self.resolved_source():
             raise ValueError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
+        source = self.resolved_source()
+        looks_local = source.startswith((".", "/", "~")) or source.endswith(".json")
+        if looks_local and not Path(source).expanduser().exists():
+            raise ValueError(f"source {source!r} does not exist; pass an image folder, a saved HF dataset, a COCO .json, "
+                             "a hub dataset id or 'world'")
         if self.image_root and not Path(self.image_root).expanduser().is_dir():
             raise ValueError(f"image_root {self.image_root!r} is not a directory")
         if self.max_images is not None and self.max_images < 1:

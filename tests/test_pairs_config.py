@@ -38,6 +38,8 @@ def valid_config(tmp_path, **overrides) -> PairsConfig:
         ({"push_to_hub": True}, "hub_repo_id"),
         ({"batch_size": 0}, "batch_size"),
         ({"model_name_or_path": "./does/not/exist"}, "not a directory"),
+        ({"source": "/does/not/exist"}, "does not exist"),
+        ({"source": "captions.json"}, "does not exist"),
     ],
 )
 def test_validate_names_the_bad_key(tmp_path, overrides, message):
