@@ -58,7 +58,7 @@ CHAT_TEMPLATE = (
 )
 
 #: bump when the assembly below changes, so stale assembled caches are rebuilt
-ASSEMBLY_VERSION = 1
+ASSEMBLY_VERSION = 2
 
 
 def prompt_for(question: str, processor) -> str:
@@ -270,7 +270,14 @@ def load_world_lvlm(size: str = "small", dtype: torch.dtype = torch.float32, wei
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
+            # The LM's weights are bf16 values (see adpo.world.lm): storing them as bf16 is exact and halves
+            # the bytes a warm load reads; the tower and projector stay fp32.
+            language_model = model.model.language_model
+            language_model.to(torch.bfloat16)
+            model.lm_head.to(torch.bfloat16)
             model.save_pretrained(staging / "model")
+            language_model.to(torch.float32)
+            model.lm_head.to(torch.float32)
             processor.save_pretrained(staging / "model")
             if target.exists():
                 shutil.rmtree(target)
