@@ -56,17 +56,17 @@ class ProjectorTrainingConfig:
     seed: int = 0
     data_seed: int = 0
     train_images: int = 3000
-    steps: int = 150
-    batch_size: int = 16
-    turns: int = 3  # question/answer turns packed per sequence
+    steps: int = 24
+    batch_size: int = 8
+    turns: int = 4  # question/answer turns packed per sequence
     caption_fraction: float = 0.1  # sequences that are one caption turn instead
-    learning_rate: float = 2e-3
-    warmup_steps: int = 10
+    learning_rate: float = 1e-3
+    warmup_steps: int = 2
     align_steps: int = 400  # phase 1 (embedding regression) steps
     align_batch_size: int = 128
     align_learning_rate: float = 1e-3
     bf16: bool = False  # measured: no faster than fp32 on this CPU under load, and less exact
-    val_questions: int = 200  # greedy exact match on val questions at the end (0: skip)
+    val_questions: int = 64  # greedy exact match on val questions at the end (0: skip)
     threads: int = 2
 
 
