@@ -247,6 +247,8 @@ def test_online_adversarial_images_lie_in_the_ball_and_train(tmp_path):
     assert not torch.allclose(ref_l, torch.tensor([-1.0, -1.0]))
     trainer.train()
     assert trainer.state.global_step == 1
+    metrics = trainer.evaluate(make_pairs(2, seed=3))
+    assert {"eval_loss", "eval_pio", "eval_rewards/margins", "eval_drift/clean_embedding"} <= set(metrics)
 
 
 def test_config_errors_name_the_fix(tmp_path):

@@ -504,6 +504,13 @@ class AdPOTrainer(DPOTrainer):
                 original = reference_view.embed(clean, which).float()
         return (policy - original).flatten(1).norm(dim=1)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation reports the loss and the logged metrics (rewards, margins, drift); there are no logits.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.state.global_step != getattr(self, "_attack_step", None):
             self._attack_step, self._attack_calls = self.state.global_step, 0
