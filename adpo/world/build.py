@@ -56,11 +56,11 @@ class ProjectorTrainingConfig:
     seed: int = 0
     data_seed: int = 0
     train_images: int = 3000
-    steps: int = 24
+    steps: int = 16
     batch_size: int = 8
     turns: int = 4  # question/answer turns packed per sequence
     caption_fraction: float = 0.1  # sequences that are one caption turn instead
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     warmup_steps: int = 2
     align_steps: int = 400  # phase 1 (embedding regression) steps
     align_batch_size: int = 128
