@@ -182,6 +182,9 @@ class AdPOConfig(DPOConfig):
             problems.append(f"loss_type {unsupported} has no PIO form; use one or more of {PIO_LOSS_TYPES}")
         if self.aio_weight < 0:
             problems.append(f"aio_weight must be >= 0, got {self.aio_weight}")
+        if self.model_dtype not in ("float32", "fp32") and not (self.bf16 or self.fp16 or self.keep_tower_dtype):
+            problems.append(f"model_dtype={self.model_dtype!r} with an fp32 tower needs mixed precision (bf16: true or "
+                            "fp16: true) so the projector accepts the tower's features; or set keep_tower_dtype: true")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         # DPOTrainer features that do not carry over to a preference between two *images*.
