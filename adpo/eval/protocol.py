@@ -368,9 +368,10 @@ def robust_outcomes(task: Task, clean: Sequence[Outcome], run: AttackRun) -> lis
     return final
 
 
-def predict_in_batches(model, pixels: torch.Tensor, samples: Sequence[Sample], batch_size: int) -> list[str]:
+def predict_in_batches(model, pixels: torch.Tensor, samples: Sequence[Sample], batch_size: int, progress: bool = False) -> list[str]:
     outputs: list[str] = []
-    for chunk in _batches(list(range(len(samples))), batch_size):
+    chunks = list(_batches(list(range(len(samples))), batch_size))
+    for chunk in tqdm(chunks, desc="clean pass", disable=None if progress else True, leave=False):
         outputs += model.predict(pixels[chunk].to(model.device), [samples[i] for i in chunk])
     return outputs
 
@@ -462,7 +463,7 @@ def run_protocol(
     eps_list = resolve_eps(config.eps)
     progress = config.progress
 
-    clean_outputs = predict_in_batches(model, pixels, samples, config.batch_size)
+    clean_outputs = predict_in_batches(model, pixels, samples, config.batch_size, progress)
     clean = [Outcome(o, s) for o, s in zip(clean_outputs, task.score(samples, clean_outputs))]
     if isinstance(task, ZeroShotTask):
         _choose_target_classes(model, pixels, samples, config)
