@@ -244,6 +244,8 @@ def load_pairs(path: str | os.PathLike) -> datasets.Dataset:
     path = Path(path)
     if (path / DATASET_DIR).is_dir():
         path = path / DATASET_DIR
+    elif (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path} holds an unfinished pairs run (no dataset/ yet); run the same `adpo pairs` command again")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a pair dataset; pass the output_dir of `adpo pairs` or its dataset/ folder")
     return datasets.load_from_disk(str(path))
