@@ -151,9 +151,11 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     for method in config.methods:
         train_dir = out / "train" / method
-        keys: dict[str, Any] = {"model_name_or_path": config.small_model, "output_dir": str(train_dir / "run"), "seed": config.seed}
+        keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
         if method == "adpo":
-            keys["dataset_path"] = str(pairs_dir / "run" / "dataset")
+            # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
+            # base config says (the world's standalone WorldCLIP, whose vision tower the LVLMs share).
+            keys.update(model_name_or_path=config.small_model, dataset_path=str(pairs_dir / "run" / "dataset"))
             if config.eps is not None:
                 keys["attack_eps"] = config.eps
         else:
