@@ -148,13 +148,17 @@ def working_eps(results: dict, sizes, eps) -> dict | None:
 
 
 def update_world_config(results: dict) -> Path:
-    """Write the measured metrics (and the working epsilon, when one was found) into world.yaml (atomic)."""
+    """Merge the measured metrics into world.yaml (atomic); sizes not in ``results`` keep their recorded metrics.
+
+    The working epsilon is recomputed from the merged robust VQA figures of both LVLMs; it is only written
+    when both have been measured and one epsilon breaks both.
+    """
     import yaml
 
     from adpo.world import WORLD_CONFIG_PATH
 
     config = yaml.safe_load(WORLD_CONFIG_PATH.read_text()) or {}
-    metrics = {"protocol": results["protocol"]}
+    metrics = dict(config.get("metrics") or {})
     if "zeroshot" in results:
         metrics["zeroshot_accuracy"] = round(results["zeroshot"]["accuracy"], 4)
         metrics["zeroshot_samples"] = results["zeroshot"]["num_samples"]
@@ -172,10 +176,14 @@ def update_world_config(results: dict) -> Path:
             row["apgd_steps"] = results["protocol"]["apgd_steps"]
         metrics[size] = row
     config["metrics"] = metrics
-    if results.get("working_eps"):
-        config["working_eps"] = results["working_eps"]["eps"]
-        config["working_eps_255"] = results["working_eps"]["eps_255"]
-        config["working_eps_measured"] = True
+    merged = {size: {"vqa_robust": {k: {"exact_match": v} for k, v in metrics[size].get("vqa_robust_exact_match", {}).items()}}
+              for size in ("small", "large") if size in metrics}
+    labels = sorted({k for entry in merged.values() for k in entry["vqa_robust"]})
+    found = working_eps(merged, ["small", "large"], labels) if len(merged) == 2 else None
+    if found:
+        config["working_eps"] = found["eps"]
+        config["working_eps_255"] = found["eps_255"]
+    config["working_eps_measured"] = bool(found)
     text = "# The bundled world's settings and measured metrics (read by adpo.world.world_config()).\n"
     text += "# Written by `adpo world eval --update-config`; later stages default to working_eps.\n"
     text += yaml.safe_dump(config, sort_keys=False)
