@@ -21,7 +21,6 @@ To keep phase 2 affordable:
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -56,12 +55,13 @@ class ProjectorTrainingConfig:
     seed: int = 0
     data_seed: int = 0
     train_images: int = 3000
-    steps: int = 16
+    steps: int = 100
     batch_size: int = 8
     turns: int = 4  # question/answer turns packed per sequence
     caption_fraction: float = 0.1  # sequences that are one caption turn instead
     learning_rate: float = 3e-3
-    warmup_steps: int = 2
+    warmup_steps: int = 2  # then constant: a run cut short by max_seconds equals a run with steps=steps_run
+    max_seconds: float | None = None  # wall-clock budget of phase 2 (None: run all steps)
     align_steps: int = 400  # phase 1 (embedding regression) steps
     align_batch_size: int = 128
     align_learning_rate: float = 1e-3
@@ -304,10 +304,7 @@ def train_projector(
     optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_fraction = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * progress_fraction))
+        return min(1.0, (step + 1) / max(config.warmup_steps, 1))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     losses: list[float] = []
@@ -327,6 +324,8 @@ def train_projector(
         scheduler.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if config.max_seconds is not None and time.time() - started > config.max_seconds:
+            break
     bar.close()
     train_seconds = time.time() - started
     model.eval()
@@ -340,6 +339,7 @@ def train_projector(
         "align_first_loss": align_losses[0] if align_losses else None,
         "align_final_loss": sum(align_losses[-20:]) / max(len(align_losses[-20:]), 1) if align_losses else None,
         "align_wall_seconds": round(align_seconds, 1),
+        "steps_run": len(losses),
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
         "loss_by_step": [round(v, 4) for v in losses],
