@@ -224,7 +224,7 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
     feature_layer, strategy = -2, "default"
     clip_model = clip_processor = None
     if name == WORLD_CLIP:
-        from adpo.world import load_world_clip
+        from adpo.world.clip import load_world_clip
 
         clip_model, processor = load_world_clip()
         encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
