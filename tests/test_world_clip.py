@@ -50,9 +50,10 @@ def test_tokenizer_covers_world_text_and_ends_with_eos(processor):
 def test_config_matches_the_fixed_design(processor):
     config = build_world_clip_config(processor.tokenizer)
     vision = config.vision_config
-    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (64, 16, 256)
-    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size) == (6, 8, 1024)
-    assert vision.hidden_act == "quick_gelu" and config.projection_dim == 256
+    default = WorldClipSize()
+    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (64, 16, default.vision_hidden)
+    assert (vision.num_hidden_layers, vision.intermediate_size) == (default.vision_layers, default.vision_intermediate)
+    assert vision.hidden_act == "quick_gelu" and config.projection_dim == default.projection_dim
     # CLIP pools the text at the first EOS only when eos_token_id != 2 (the legacy argmax path).
     assert config.text_config.eos_token_id == processor.tokenizer.eos_token_id != 2
     size = processor.image_processor.crop_size
@@ -68,6 +69,18 @@ def test_contrastive_loss_hand_cases():
     # Mismatched pairs cost more than matched ones, and the logit scale sharpens the matched optimum.
     assert contrastive_loss(embeds, embeds[[1, 2, 0]], scale).item() > 1.0 + expected
     assert contrastive_loss(embeds, embeds, torch.tensor(math.log(20.0))).item() < expected
+
+
+def test_contrastive_loss_ignores_masked_false_negatives():
+    # Images 0 and 1 share a class: text 1 scores as high as text 0 for image 0, which is no error.
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scale = torch.tensor(math.log(2.0))
+    same_class = torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+    masked = contrastive_loss(image, image, scale, same_class).item()
+    assert masked < contrastive_loss(image, image, scale).item()
+    # Rows/columns 0 and 1 keep only themselves and class 2 (logit 0); row/column 2 keeps both class-0 items.
+    kept_one, kept_two = -math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert masked == pytest.approx((2 * kept_one + kept_two) / 3, rel=1e-5)
 
 
 def _batch(processor, n=8):

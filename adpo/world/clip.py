@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adpo.world.data import CLASS_NAMES, CLASS_PROMPT_TEMPLATE, load_world_dataset, world_vocabulary
+from adpo.world.data import CLASS_NAMES, CLASS_PROMPT_TEMPLATE, SHAPES, load_world_dataset, world_vocabulary
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "clip"
 TRAINING_RECORD = "training.json"
@@ -93,15 +93,16 @@ def build_world_processor():
 class WorldClipSize:
     """Tower sizes. The default is the shipped WorldCLIP; tests use a tiny one."""
 
-    vision_hidden: int = 256
-    vision_layers: int = 6
-    vision_heads: int = 8
-    vision_intermediate: int = 1024
-    text_hidden: int = 256
-    text_layers: int = 4
+    # Small on purpose: on 2 shared CPU cores steps/s, not capacity, limits what the tower learns.
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 6
+    vision_intermediate: int = 768
+    text_hidden: int = 128  # the text tower only has to tell ~60 words in short templates apart
+    text_layers: int = 2
     text_heads: int = 4
-    text_intermediate: int = 1024
-    projection_dim: int = 256
+    text_intermediate: int = 512
+    projection_dim: int = 128
 
 
 def build_world_clip_config(tokenizer, size: WorldClipSize | None = None):
@@ -148,7 +149,7 @@ class WorldClipTrainingConfig:
     data_seed: int = 0
     epochs: int = 2
     batch_size: int = 64
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     max_shift: int = 3  # random translation in pixels (augmentation that keeps left/right meaning)
@@ -158,7 +159,12 @@ class WorldClipTrainingConfig:
     device: str = "cpu"  # "cuda" trains in about a minute where a GPU is available
     class_prompt_probability: float = 0.2  # else one of the image's captions, uniformly
     class_prompt_loss: bool = True  # add image-vs-all-class-prompts InfoNCE (see clip_training_step)
-    eval_every_steps: int = 50  # log zero-shot accuracy on 250 val images this often (0: never)
+    eval_every_steps: int = 100  # log zero-shot accuracy on 250 val images this often (0: never)
+    steps: int | None = 1500  # total optimiser steps (cycling through the shuffled train split); None: epochs
+    # The 48-way class-prompt loss is the signal that teaches shape; captions add wording/position knowledge.
+    caption_loss_weight: float = 0.5
+    class_loss_weight: float = 1.0
+    best_val_dir: str | None = None  # when set, save the model there whenever val accuracy improves
 
 
 def _pixel_tensor(dataset, image_processor, batch: int = 500) -> torch.Tensor:
@@ -191,15 +197,19 @@ def _text_table(dataset, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return encoded["input_ids"].view(shape)[..., :longest], encoded["attention_mask"].view(shape)[..., :longest]
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised embeddings (pair i is image i with text i).
 
-    Repeated texts in a batch (class prompts recur) need no special care: identical texts have identical
-    embeddings, and the summed gradient on them equals that of a multi-positive target.
+    ``ignore`` [B, B] (bool, False on the diagonal) marks pairs left out of both softmaxes, e.g. images and
+    texts of the same class, which are not true negatives.
     """
     image_embeds = F.normalize(image_embeds, dim=-1)
     text_embeds = F.normalize(text_embeds, dim=-1)
     logits = logit_scale.exp() * image_embeds @ text_embeds.t()
+    if ignore is not None:
+        logits = logits.masked_fill(ignore, float("-inf"))
     targets = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
@@ -216,13 +226,14 @@ def _shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 
 def clip_training_step(
     model, optimizer, pixel_values, input_ids, attention_mask, labels=None, class_ids=None, class_mask=None,
-    bf16: bool = False,
+    bf16: bool = False, caption_loss_weight: float = 1.0, class_loss_weight: float = 1.0,
 ) -> float:
     """One contrastive update; returns the loss before the update.
 
     The loss is in-batch symmetric InfoNCE between images and their texts; with ``labels`` and the tokenised
     class prompts (``class_ids``/``class_mask`` [C, L], same L as ``input_ids``) it adds an image-to-all-class-
-    prompts InfoNCE, a dense signal that every image gets each step. Repeated texts are encoded once.
+    prompts InfoNCE, a dense signal that every image gets each step, and drops the in-batch false negatives
+    (other images of the same class) from the caption InfoNCE. Repeated texts are encoded once.
     """
     model.train()
     texts, masks = input_ids, attention_mask
@@ -237,12 +248,16 @@ def clip_training_step(
     image_embeds = getattr(image_embeds, "pooler_output", image_embeds).float()
     text_embeds = getattr(text_embeds, "pooler_output", text_embeds).float()[inverse]
     batch = len(input_ids)
-    loss = contrastive_loss(image_embeds, text_embeds[:batch], model.logit_scale)
+    same_class = None
+    if labels is not None:
+        # Same-class pairs off the diagonal are false negatives: with 48 classes a batch of 64 holds many.
+        same_class = (labels[:, None] == labels[None, :]) & ~torch.eye(batch, dtype=torch.bool, device=labels.device)
+    loss = caption_loss_weight * contrastive_loss(image_embeds, text_embeds[:batch], model.logit_scale, same_class)
     if labels is not None:
         class_logits = model.logit_scale.exp() * F.normalize(image_embeds, dim=-1) @ F.normalize(
             text_embeds[batch:], dim=-1
         ).t()
-        loss = loss + F.cross_entropy(class_logits, labels)
+        loss = loss + class_loss_weight * F.cross_entropy(class_logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,7 +270,7 @@ def clip_training_step(
 def train_world_clip(
     out_dir: str | os.PathLike | None = None,
     seed: int = 0,
-    epochs: int = 2,
+    epochs: int | None = None,
     config: WorldClipTrainingConfig | None = None,
     size: WorldClipSize | None = None,
     progress: bool = True,
@@ -269,7 +284,8 @@ def train_world_clip(
     from transformers import CLIPModel
     from transformers.optimization import get_cosine_schedule_with_warmup
 
-    config = config or WorldClipTrainingConfig(seed=seed, epochs=epochs)
+    # ``epochs`` (when given) replaces the default step count by whole passes over the train split.
+    config = config or WorldClipTrainingConfig(seed=seed, **({} if epochs is None else {"epochs": epochs, "steps": None}))
     size = size or WorldClipSize()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -296,16 +312,17 @@ def train_world_clip(
         eps=1e-6,
     )
     steps_per_epoch = len(dataset) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = config.steps if config.steps is not None else steps_per_epoch * config.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
 
     val = load_world_dataset("val", n=250, seed=config.data_seed, progress=progress) if config.eval_every_steps else None
     losses: list[float] = []
     val_accuracy: list[tuple[int, float]] = []
     bar = tqdm(total=total_steps, desc="WorldCLIP", disable=not progress)
-    for _ in range(config.epochs):
+    best_val = -1.0
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         order = torch.randperm(len(dataset), generator=generator)
-        for step in range(steps_per_epoch):
+        for step in range(min(steps_per_epoch, total_steps - epoch * steps_per_epoch)):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             # The class prompt is the table's last column; otherwise pick one of the captions.
             caption = torch.randint(0, text_ids.shape[1] - 1, (len(idx),), generator=generator)
@@ -320,7 +337,10 @@ def train_world_clip(
             if config.class_prompt_loss:
                 batch |= {"labels": labels[idx], "class_ids": prompts["input_ids"], "class_mask": prompts["attention_mask"]}
             batch = {key: value.to(config.device) for key, value in batch.items()}
-            loss = clip_training_step(model, optimizer, bf16=config.bf16, **batch)
+            loss = clip_training_step(
+                model, optimizer, bf16=config.bf16, caption_loss_weight=config.caption_loss_weight,
+                class_loss_weight=config.class_loss_weight, **batch,
+            )
             scheduler.step()
             losses.append(loss)
             bar.update(1)
@@ -329,6 +349,9 @@ def train_world_clip(
                 val_accuracy.append((len(losses), zero_shot_accuracy(model, processor, val)))
                 bar.write(f"step {len(losses)}: mean loss {np.mean(losses[-config.eval_every_steps:]):.4f}, "
                           f"val zero-shot accuracy {val_accuracy[-1][1]:.4f} ({time.time() - started:.0f}s)")
+                if config.best_val_dir and val_accuracy[-1][1] > best_val:
+                    best_val = val_accuracy[-1][1]
+                    save_world_clip(model, processor, config.best_val_dir, {"step": len(losses), "val": best_val})
     bar.close()
     train_seconds = time.time() - started
 
@@ -339,7 +362,7 @@ def train_world_clip(
         "train_images": len(dataset),
         "steps": total_steps,
         "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else None,
+        "final_loss": float(np.mean(losses[-min(steps_per_epoch, 50):])) if losses else None,
         "val_zero_shot_accuracy_by_step": val_accuracy,
         "wall_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),
@@ -347,7 +370,12 @@ def train_world_clip(
     }
     if evaluate:
         test = load_world_dataset("test", seed=config.data_seed, progress=progress)
-        record["test_zero_shot_accuracy"] = zero_shot_accuracy(model, processor, test)
+        predicted = zero_shot_predictions(model, processor, test)
+        truth = torch.tensor(test["label"])
+        n_shapes = len(SHAPES)
+        record["test_zero_shot_accuracy"] = float((predicted == truth).float().mean())
+        record["test_color_accuracy"] = float((predicted // n_shapes == truth // n_shapes).float().mean())
+        record["test_shape_accuracy"] = float((predicted % n_shapes == truth % n_shapes).float().mean())
         record["test_images"] = len(test)
     save_world_clip(model, processor, WEIGHTS_DIR if out_dir is None else out_dir, record)
     return model, processor, record
@@ -409,19 +437,24 @@ def zero_shot_classifier(model, processor, class_names=CLASS_NAMES, template: st
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, processor, dataset, batch_size: int = 250, progress: bool = False) -> float:
-    """Fraction of ``dataset`` rows whose image is closest to the class prompt of its ``label``."""
+def zero_shot_predictions(model, processor, dataset, batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+    """Predicted class (index into :data:`CLASS_NAMES`) of every ``dataset`` image: its nearest class prompt."""
     was_training = model.training
     model.eval()
     classifier = zero_shot_classifier(model, processor)
     device = next(model.parameters()).device
-    correct = 0
+    predicted = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="zero-shot", disable=not progress, leave=False):
         rows = dataset[start : start + batch_size]
         pixels = processor.image_processor(images=rows["image"], return_tensors="pt")["pixel_values"].to(device)
         embeds = model.get_image_features(pixel_values=pixels.to(next(model.parameters()).dtype))
         embeds = F.normalize(getattr(embeds, "pooler_output", embeds).float(), dim=-1)
-        predicted = (embeds @ classifier.t()).argmax(dim=1).cpu()
-        correct += int((predicted == torch.tensor(rows["label"])).sum())
+        predicted.append((embeds @ classifier.t()).argmax(dim=1).cpu())
     model.train(was_training)
-    return correct / len(dataset)
+    return torch.cat(predicted)
+
+
+def zero_shot_accuracy(model, processor, dataset, batch_size: int = 250, progress: bool = False) -> float:
+    """Fraction of ``dataset`` rows whose image is closest to the class prompt of its ``label``."""
+    predicted = zero_shot_predictions(model, processor, dataset, batch_size, progress)
+    return float((predicted == torch.tensor(dataset["label"])).float().mean())
