@@ -37,6 +37,8 @@ def build_summary(
     shard_records: list[dict],
     answers_differ: list[bool],
     distances: list[float],
+    empty_chosen: int,
+    empty_rejected: int,
     pairs_in_dataset: int,
     num_processes: int,
     fingerprint: str,
@@ -73,6 +75,8 @@ def build_summary(
             "pairs_answer_unchanged": generated - changed,
             "share_answer_changed": changed / generated if generated else None,
             "unchanged_pairs": "kept" if config["keep_unchanged"] else "dropped",
+            "chosen_empty": empty_chosen,
+            "rejected_empty": empty_rejected,
             "pairs_in_dataset": pairs_in_dataset,
         },
         "skipped_images": skipped,
@@ -125,6 +129,7 @@ def render_card(summary: dict) -> str:
         f"| rejected answer differs from chosen | {counts['pairs_answer_changed']}"
         + (f" ({share:.1%})" if share is not None else "") + " |",
         f"| rejected answer equals chosen | {counts['pairs_answer_unchanged']} ({counts['unchanged_pairs']}) |",
+        f"| empty chosen / rejected answers | {counts['chosen_empty']} / {counts['rejected_empty']} |",
         f"| pairs in the dataset | {counts['pairs_in_dataset']} |",
         "",
     ]

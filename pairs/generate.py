@@ -300,7 +300,7 @@ def run(config: PairsConfig) -> dict:
     if state.is_main_process:
         features = features_for(config.compute_ref_logps)
         kept = merge_shards(output_dir, len(shards), features, keep_unchanged=config.keep_unchanged)
-        every_pair = shard_columns(output_dir, len(shards), ["answers_differ", "embedding_distance"])
+        every_pair = shard_columns(output_dir, len(shards), ["answers_differ", "embedding_distance", "chosen", "rejected"])
         summary = build_summary(
             config=asdict(config),
             eps=eps,
@@ -312,6 +312,8 @@ def run(config: PairsConfig) -> dict:
             shard_records=[read_shard_record(output_dir, i) for i in range(len(shards))],
             answers_differ=every_pair["answers_differ"],
             distances=every_pair["embedding_distance"],
+            empty_chosen=sum(not answer for answer in every_pair["chosen"]),
+            empty_rejected=sum(not answer for answer in every_pair["rejected"]),
             pairs_in_dataset=len(kept),
             num_processes=state.num_processes,
             fingerprint=manifest["fingerprint"],

@@ -113,6 +113,7 @@ def test_schema_and_counts(uninterrupted):
     counts = summary["counts"]
     assert counts["pairs_generated"] == len(dataset) == counts["pairs_in_dataset"]
     assert counts["pairs_answer_changed"] + counts["pairs_answer_unchanged"] == len(dataset)
+    assert counts["chosen_empty"] == sum(not a for a in dataset["chosen"])
     card = (out / "README.md").read_text()
     assert f"| pairs generated | {len(dataset)} |" in card
 
