@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
+from adpo.io import atomic_directory
 from adpo.preprocess import image_processor_of
 
 WORLD_PREFIX = "world:"
@@ -58,7 +57,7 @@ def load_lvlm(
         from adpo import world  # imported lazily: the world needs its optional extras
 
         size = name_or_path[len(WORLD_PREFIX):]
-        model, processor = world.load_world_lvlm(size, dtype=_resolve_dtype(dtype) or torch.float32)
+        model, processor = world.load_world_lvlm(size, dtype=resolve_dtype(dtype) or torch.float32)
         if device_map not in (None, "cpu"):
             model = model.to(device_map if isinstance(device_map, str) and device_map != "auto" else _default_device())
         return model, processor
@@ -67,7 +66,7 @@ def load_lvlm(
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if dtype is not None:
-        kwargs["dtype"] = _resolve_dtype(dtype)
+        kwargs["dtype"] = resolve_dtype(dtype)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if quantization is not None:
@@ -82,7 +81,8 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or a name ("float32"/"fp32", "bfloat16"/"bf16", "float16"/"fp16"); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -551,27 +551,18 @@ def save_encoder(encoder: nn.Module, out_dir: str | os.PathLike, image_processor
     ``card`` (JSON-serialisable) records how it was trained and its measured robustness; it is stored as
     ``adpo_card.json`` and rendered into the directory's ``README.md``.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(encoder, CLIPVisionModel):
         standalone = CLIPVisionModel(encoder.config)
         put_encoder(standalone, encoder.state_dict())
         encoder = standalone
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    card = dict(card or {})
+    with atomic_directory(out_dir) as staging:
         encoder.save_pretrained(staging, safe_serialization=True)
         if image_processor is not None:
             image_processor_of(image_processor).save_pretrained(staging)
-        card = dict(card or {})
         (staging / "adpo_card.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
         (staging / "README.md").write_text(_render_card(card))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def _render_card(card: dict) -> str:

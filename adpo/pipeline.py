@@ -14,17 +14,16 @@ themselves resume (pair shards, trainer checkpoints) or rewrite their outputs at
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
 
 DONE_MARKER = "STAGE_DONE.json"
 ORIGINAL = "original"
@@ -107,19 +106,10 @@ def _load_base(spec: StageSpec) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _write_yaml_atomic(path: Path, content: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        yaml.safe_dump(content, stream, sort_keys=False)
-    os.replace(temporary, path)
-    return path
-
-
 def _stage_config(directory: Path, spec: StageSpec, pipeline_keys: dict[str, Any]) -> Path:
     # Precedence: base config < pipeline-derived keys (paths, models, seed) < the user's explicit overrides.
     merged = {**_load_base(spec), **pipeline_keys, **spec.overrides}
-    return _write_yaml_atomic(directory / "stage_config.yaml", merged)
+    return write_yaml_atomic(directory / "stage_config.yaml", merged)
 
 
 def _adpo(argv: list[str]) -> None:
@@ -205,11 +195,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     report_dir = out / "report"
 
     def run_report() -> None:
-        staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out))
-        _adpo(["eval", "compare", *map(str, report_dirs), "--out", str(staging)])
-        if report_dir.exists():
-            shutil.rmtree(report_dir)
-        os.replace(staging, report_dir)
+        with atomic_directory(report_dir) as staging:
+            _adpo(["eval", "compare", *map(str, report_dirs), "--out", str(staging)])
 
     stages.append(Stage("report", report_dir, run_report))
     return stages
@@ -239,20 +226,12 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
         stage.run()
         timings[stage.name] = round(time.perf_counter() - stage_start, 1)
         stage.directory.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(marker, {"stage": stage.name, "seconds": timings[stage.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json_atomic(marker, {"stage": stage.name, "seconds": timings[stage.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{prefix}: finished in {timings[stage.name]:.0f} s", flush=True)
     total = round(time.perf_counter() - started, 1)
-    _write_json_atomic(out / "pipeline.json", {"stages": names, "seconds_this_run": timings, "total_seconds_this_run": total})
+    write_json_atomic(out / "pipeline.json", {"stages": names, "seconds_this_run": timings, "total_seconds_this_run": total})
     print(f"[adpo run] all stages done in {total:.0f} s; report: {out / 'report'}", flush=True)
     return out / "report"
-
-
-def _write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(content, stream, indent=2)
-    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> int:

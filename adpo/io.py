@@ -1,0 +1,86 @@
+"""Atomic writes: a file or a directory appears complete under its final name, or not at all.
+
+Everything adpo writes that a later run reads (encoders, model directories, dataset shards, reports,
+configs, markers) goes through these helpers, so a run killed at any moment leaves either the previous
+complete output or none — never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_default_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create owner-only modes; give outputs the modes an ordinary write would have."""
+    mask = _umask()
+    targets = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for target in targets:
+        target.chmod((0o777 if target.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a staging directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    With ``overwrite=False`` an existing ``out_dir`` is an error (named, with the fix). On any exception
+    the staging directory is removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output directory or allow overwriting it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        yield staging
+        apply_default_permissions(staging)
+        if out.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, retired / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        apply_default_permissions(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, content: Any) -> Path:
+    return write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
+
+
+def write_yaml_atomic(path: str | os.PathLike, content: Any) -> Path:
+    return write_text_atomic(path, yaml.safe_dump(content, sort_keys=False))

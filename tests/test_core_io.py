@@ -1,0 +1,29 @@
+import stat
+
+import pytest
+
+from adpo.io import atomic_directory, write_json_atomic
+
+
+def test_a_failed_write_leaves_the_previous_directory_intact(tmp_path):
+    out = tmp_path / "model"
+    with atomic_directory(out) as staging:
+        (staging / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(out) as staging:
+            (staging / "weights").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (out / "weights").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging debris
+
+
+def test_outputs_get_ordinary_permissions_and_overwrite_is_explicit(tmp_path):
+    out = tmp_path / "encoder"
+    with atomic_directory(out) as staging:
+        (staging / "config.json").write_text("{}")
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055  # readable by others, unlike mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_directory(out, overwrite=False):
+            pass
+    path = write_json_atomic(tmp_path / "r.json", {"a": 1})
+    assert path.read_text().strip() == '{\n  "a": 1\n}'
