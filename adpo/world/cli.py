@@ -174,7 +174,10 @@ def update_world_config(results: dict) -> Path:
             row["vqa_robust_exact_match"] = {k: round(v["exact_match"], 4) for k, v in entry["vqa_robust"].items()}
             row["vqa_robust_samples"] = next(iter(entry["vqa_robust"].values()))["num_samples"]
             row["apgd_steps"] = results["protocol"]["apgd_steps"]
-        metrics[size] = row
+        previous = metrics.get(size, {})
+        if previous.get("vqa_samples", 0) > row["vqa_samples"]:  # a robust-only run keeps the larger clean run
+            row["vqa_exact_match"], row["vqa_samples"] = previous["vqa_exact_match"], previous["vqa_samples"]
+        metrics[size] = {**previous, **row}
     config["metrics"] = metrics
     merged = {size: {"vqa_robust": {k: {"exact_match": v} for k, v in metrics[size].get("vqa_robust_exact_match", {}).items()}}
               for size in ("small", "large") if size in metrics}
