@@ -52,6 +52,10 @@ class ImageSource(Sequence[ImageRecord]):
     def __len__(self) -> int:
         raise NotImplementedError
 
+    def source_id(self, index: int) -> str:
+        """The stable id of record ``index``; subclasses answer without decoding the image."""
+        return self[index].source_id
+
 
 def _safe_load(source_id: str, loader: Any) -> tuple[Image.Image | None, str | None]:
     try:
@@ -82,9 +86,12 @@ class FolderSource(ImageSource):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def source_id(self, index: int) -> str:
+        return self.paths[index].relative_to(self.root).as_posix()
+
     def _record(self, index: int) -> ImageRecord:
         path = self.paths[index]
-        relative = path.relative_to(self.root).as_posix()
+        relative = self.source_id(index)
         image, error = _safe_load(relative, path)
         label = self.class_names.index(path.relative_to(self.root).parts[0]) if self.class_names else None
         return ImageRecord(source_id=relative, image=image, label=label, error=error)
@@ -125,9 +132,12 @@ class HFDatasetSource(ImageSource):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def source_id(self, index: int) -> str:
+        return str(self.dataset[index][self.id_column]) if self.id_column else f"{index:08d}"
+
     def _record(self, index: int) -> ImageRecord:
         row = self.dataset[index]
-        source_id = str(row[self.id_column]) if self.id_column else f"{index:08d}"
+        source_id = self.source_id(index)
         image, error = _safe_load(source_id, row[self.image_column])
         label = None
         if self.label_column is not None:
@@ -162,6 +172,9 @@ class CocoSource(ImageSource):
     def __len__(self) -> int:
         return len(self.images)
 
+    def source_id(self, index: int) -> str:
+        return str(self.images[index]["id"])
+
     def _record(self, index: int) -> ImageRecord:
         entry = self.images[index]
         image, error = _safe_load(str(entry["id"]), self.image_root / entry["file_name"])
@@ -180,6 +193,9 @@ class WorldSource(ImageSource):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def source_id(self, index: int) -> str:
+        return str(self.dataset[index]["id"])
 
     def _record(self, index: int) -> ImageRecord:
         row = self.dataset[index]
@@ -234,6 +250,9 @@ class Truncated(ImageSource):
 
     def __len__(self) -> int:
         return self.n
+
+    def source_id(self, index: int) -> str:
+        return self.inner.source_id(index)
 
     def _record(self, index: int) -> ImageRecord:
         return self.inner[index]

@@ -145,3 +145,17 @@ class ThreatModel:
         if isinstance(size, torch.Tensor):
             size = size.view(-1, *([1] * (x_adv.dim() - 1)))
         return self.project(x_adv + size * self.steepest_step(grad), x)
+
+    def quantize(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` moved onto the k/255 grid of the clean image ``x`` (itself on that grid), still admissible.
+
+        This is how adversarial images are stored (uint8 PNG). Rounding to the nearest level is tried first;
+        a sample that rounding pushes out of the ball (ℓ2, or an ε that is not a whole number of 255ths)
+        rounds every coordinate of δ toward zero instead, which only shrinks |δ| and so stays admissible.
+        """
+        levels = (x.float() * 255).round()
+        delta = x_adv.float() * 255 - levels
+        rounded = (levels + delta.round()).clamp(0, 255) / 255
+        truncated = (levels + delta.trunc()).clamp(0, 255) / 255
+        inside = self.contains(rounded, levels / 255)
+        return torch.where(inside.view(-1, *([1] * (x.dim() - 1))), rounded, truncated)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import time
 from datetime import timedelta
 from dataclasses import asdict, dataclass
@@ -66,21 +65,6 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def quantize_adversarial(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    """``x_adv`` on the k/255 grid of the clean image ``x`` (itself on that grid), still inside the threat model.
-
-    Rounding to the nearest level is tried first; a sample that rounding pushes out of the ball (ℓ2, or an ε
-    that is not a whole number of 255ths) instead rounds every coordinate of δ toward zero, which shrinks
-    |δ| coordinate-wise and so can never leave the ball or [0, 1].
-    """
-    levels = (x.float() * 255).round()
-    delta = x_adv.float() * 255 - levels
-    rounded = (levels + delta.round()).clamp(0, 255) / 255
-    truncated = (levels + delta.trunc()).clamp(0, 255) / 255
-    inside = threat.contains(rounded, levels / 255)
-    return torch.where(inside.view(-1, 1, 1, 1), rounded, truncated)
-
-
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # lossless: the uint8 pixels come back exactly
@@ -125,7 +109,7 @@ class PairGenerator:
         objective = EmbeddingDistance(self._embed, reference, modules=(self.tower,))
         generator = torch.Generator(device=pixels.device).manual_seed(seed)
         result = pgd(objective, pixels, self.threat, self.config.steps, generator=generator)
-        adv = quantize_adversarial(result.x_adv, pixels, self.threat)
+        adv = self.threat.quantize(result.x_adv, pixels)
         with torch.no_grad():
             distance = objective(adv).float()
         return adv, distance

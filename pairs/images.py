@@ -11,24 +11,8 @@ from typing import Iterator, Sequence
 
 from PIL import Image
 
-from adpo.sources import CocoSource, FolderSource, HFDatasetSource, ImageSource, Truncated, open_source
+from adpo.sources import ImageSource, open_source
 from pairs.config import PairsConfig
-
-
-def cheap_source_id(source: ImageSource, index: int) -> str:
-    """``source[index].source_id`` without loading the image where the source allows it.
-
-    Replace with ``ImageSource.source_id(index)`` once adpo.sources offers it (requested from the lead).
-    """
-    if isinstance(source, Truncated):
-        return cheap_source_id(source.inner, index)
-    if isinstance(source, FolderSource):
-        return source.paths[index].relative_to(source.root).as_posix()
-    if isinstance(source, CocoSource):
-        return str(source.images[index]["id"])
-    if isinstance(source, HFDatasetSource):
-        return str(source.dataset[index][source.id_column]) if source.id_column else f"{index:08d}"
-    return source[index].source_id
 
 
 class RunImages:
@@ -36,7 +20,7 @@ class RunImages:
 
     def __init__(self, source: ImageSource):
         self.source = source
-        self.source_ids = [cheap_source_id(source, i) for i in range(len(source))]
+        self.source_ids = [source.source_id(i) for i in range(len(source))]
 
     def load(self, positions: Sequence[int]) -> Iterator[tuple[str, Image.Image | str]]:
         for position in positions:

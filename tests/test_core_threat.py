@@ -91,3 +91,20 @@ def test_parse_eps_accepts_fractions_and_255ths():
     assert parse_eps("2/255") == pytest.approx(2 / 255)
     assert parse_eps(4) == pytest.approx(4 / 255)
     assert parse_eps(0.01) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 2 / 255), ("linf", 2.5 / 255), ("l2", 0.1), ("l2", 0.5)])
+def test_quantized_adversarial_images_stay_in_the_ball_on_the_uint8_grid(norm, eps):
+    threat = ThreatModel(norm=norm, eps=eps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 8, 8), generator=generator).float() / 255
+    # points on the sphere's surface are the hard case for rounding
+    direction = torch.randn(x.shape, generator=generator)
+    if norm == "linf":
+        x_adv = threat.project(x + direction.sign() * eps, x)
+    else:
+        x_adv = threat.project(x + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps, x)
+    stored = threat.quantize(x_adv, x)
+    assert torch.equal(stored * 255, (stored * 255).round())
+    assert bool(threat.contains(stored, x).all())
+    assert (stored - x_adv).abs().max() <= 1 / 255 + 1e-6
