@@ -1,0 +1,28 @@
+"""`adpo eval` on the bundled world's small LVLM (small sizes; marked world)."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.world
+
+
+def test_world_small_vqa_is_broken_at_the_working_eps(tmp_path):
+    from adpo.eval.cli import main
+
+    out = tmp_path / "world_vqa"
+    argv = ["--config", "configs/eval/world_vqa.yaml", "--eps", "world", "--num_samples", "8", "--steps", "5",
+            "--precision_schedule", "float32", "--vqa_targets", "Maybe", "--step_check_steps", "2", "--num_examples", "2",
+            "--output_dir", str(out), "--no_progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    robust = report["robust"][0]["metrics"]["exact_match"]
+    # The undefended model is the world's reference point: its working epsilon is where VQA falls to <= 10 %.
+    assert robust <= 0.10, f"undefended world-small kept {robust:.0%} VQA accuracy at the working eps"
+    for sample in report["samples"]:
+        for entry in sample["robust"].values():
+            assert entry["scores"]["exact_match"] <= sample["clean"]["scores"]["exact_match"]
+    assert report["sanity"][0]["status"] != "fail"
+    assert (out / "metric_vs_eps.png").stat().st_size > 1000
+    if report["examples"]:
+        assert (out / "examples.png").stat().st_size > 1000
