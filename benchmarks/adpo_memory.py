@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {v: statistics.median(s) for v, s in samples.items()}
     ratio = median["adpo"] / median["trl_default"]
     ratio_tower = median["adpo"] / median["trl_tower"]
-    print(f"median peak MiB: " + ", ".join(f"{v} {m / 2**20:.1f}" for v, m in median.items()))
+    print("median peak MiB: " + ", ".join(f"{v} {m / 2**20:.1f}" for v, m in median.items()))
     print(f"adpo / trl_default = {ratio:.3f} (goal <= {GOAL}); adpo / trl_tower-only = {ratio_tower:.3f}")
     summary = {
         "metric": "adpo_memory",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, Features, Image as ImageFeature, Value, load_from_disk
+from datasets import Dataset, Features, Image as ImageFeature, Value
 from transformers import CLIPVisionModel
 
 from adpo.losses.preference import aio_loss, pio_loss

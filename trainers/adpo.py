@@ -74,7 +74,7 @@ from adpo.lvlm import (
     save_encoder,
 )
 from adpo.objectives import EmbeddingDistance
-from adpo.preprocess import image_processor_of, to_pixels
+from adpo.preprocess import to_pixels
 from adpo.threat import ThreatModel, parse_eps
 
 logger = logging.getLogger(__name__)
