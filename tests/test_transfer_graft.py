@@ -67,6 +67,7 @@ def test_small_encoder_grafted_into_large_loads_and_generates(tmp_path):
     assert outcome.hashes_after["vision_tower"] != before["vision_tower"]
     assert outcome.hashes_after["language_model"] == before["language_model"]
     assert outcome.hashes_after["projector"] == before["projector"]
+    assert outcome.hashes_after["vision_tower"] == outcome.donor_prepared_sha256 == component_hashes(small)["vision_tower"]
     out = save_grafted(large, large_processor, tmp_path / "grafted", {"graft": outcome.to_dict()})
     assert (out / "graft_report.json").is_file() and (out / "graft_report.md").is_file()
     reloaded = LlavaForConditionalGeneration.from_pretrained(out).eval()

@@ -158,10 +158,14 @@ def component_of(name: str) -> str:
 
 
 def component_hashes(model: nn.Module) -> dict[str, str]:
-    """One hash per component (vision tower, projector, language model incl. LM head) of ``model``."""
+    """One hash per component (vision tower, projector, language model incl. LM head) of ``model``.
+
+    The tower is hashed under standalone-encoder key names, so its hash equals that of the same weights
+    saved as an encoder (the donor's ``parameters_sha256`` when grafted unchanged in the same dtype)."""
     parts: dict[str, dict[str, torch.Tensor]] = {component: {} for component in COMPONENTS}
     for name, tensor in model.state_dict().items():
         parts[component_of(name)][name] = tensor
+    parts["vision_tower"] = canonical_encoder_state(parts["vision_tower"])
     return {component: state_hash(state) for component, state in parts.items()}
 
 
@@ -210,7 +214,7 @@ def graft_encoder(model: nn.Module, processor: Any, donor: Donor, options: Graft
         raise RuntimeError(f"grafting changed parameters outside the vision tower: {moved}")
     tower_dtype = next(tower.parameters()).dtype
     prepared = {k: v.to(tower_dtype) for k, v in state.items()}
-    if state_hash(prepared) != state_hash(canonical_encoder_state(tower.state_dict())):
+    if state_hash(prepared) != hashes_after["vision_tower"]:
         raise RuntimeError("the grafted tower's weights differ from the prepared donor weights")
     return GraftOutcome(report, hashes_before, hashes_after, state_hash(prepared), updates)
 
