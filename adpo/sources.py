@@ -29,7 +29,7 @@ class ImageRecord:
     label: int | None = None
     captions: list[str] = field(default_factory=list)
     questions: list[str] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
+    answers: list[str | list[str]] = field(default_factory=list)  # per question: one answer or its references
     error: str | None = None
 
 
@@ -108,6 +108,8 @@ class HFDatasetSource(ImageSource):
         label_column: str | None = None,
         id_column: str | None = None,
         caption_column: str | None = None,
+        question_column: str | None = None,
+        answers_column: str | None = None,
     ):
         import datasets
 
@@ -119,11 +121,12 @@ class HFDatasetSource(ImageSource):
                 loaded = loaded[split]
         else:
             loaded = datasets.load_dataset(path_or_id, split=split)
-        for column in (image_column, label_column, id_column, caption_column):
+        for column in (image_column, label_column, id_column, caption_column, question_column, answers_column):
             if column is not None and column not in loaded.column_names:
                 raise ValueError(f"dataset {path_or_id} has no column {column!r}; its columns are {loaded.column_names}")
         self.dataset = loaded.cast_column(image_column, datasets.Image(decode=False))
         self.image_column, self.label_column, self.id_column, self.caption_column = image_column, label_column, id_column, caption_column
+        self.question_column, self.answers_column = question_column, answers_column
         self.name = f"hf:{path_or_id}[{split}]"
         if label_column is not None:
             feature = loaded.features[label_column]
@@ -143,10 +146,19 @@ class HFDatasetSource(ImageSource):
         if self.label_column is not None:
             raw = row[self.label_column]
             label = raw if isinstance(raw, int) else self.class_names.index(str(raw))
-        captions = list(row[self.caption_column]) if self.caption_column else []
-        if self.caption_column and isinstance(row[self.caption_column], str):
-            captions = [row[self.caption_column]]
-        return ImageRecord(source_id=source_id, image=image, label=label, captions=captions, error=error)
+        captions = _as_list(row[self.caption_column]) if self.caption_column else []
+        # One question per row (VQAv2 style) with its reference answers: a list, or one string.
+        questions = [row[self.question_column]] if self.question_column else []
+        answers = [_as_list(row[self.answers_column])] if self.answers_column else []
+        return ImageRecord(source_id=source_id, image=image, label=label, captions=captions, questions=questions, answers=answers, error=error)
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and isinstance(value[0], dict) and "answer" in value[0]:
+        return [item["answer"] for item in value]  # VQAv2's [{"answer": ..., "answer_confidence": ...}]
+    return [str(item) for item in value]
 
 
 class CocoSource(ImageSource):

@@ -60,3 +60,14 @@ def test_unknown_column_is_named(tmp_path):
     datasets.Dataset.from_dict({"picture": ["x"]}).save_to_disk(tmp_path / "ds")
     with pytest.raises(ValueError, match="no column 'image'"):
         open_source(str(tmp_path / "ds"))
+
+
+def test_hf_dataset_source_reads_vqa_columns(tmp_path):
+    import datasets
+
+    image = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    datasets.Dataset.from_dict(
+        {"image": [image], "question": ["what color?"], "answers": [[{"answer": "black"}, {"answer": "dark"}]]}
+    ).save_to_disk(tmp_path / "vqa")
+    record = open_source(str(tmp_path / "vqa"), question_column="question", answers_column="answers")[0]
+    assert record.questions == ["what color?"] and record.answers == [["black", "dark"]]

@@ -31,6 +31,8 @@ class EvalConfig:
     num_samples: int = field(default=64, metadata={"help": "Number of evaluated samples (VQA: questions)."})
     questions_per_image: int = field(default=1, metadata={"help": "VQA on datasets with several questions per image."})
     image_column: str = field(default="image", metadata={"help": "HF datasets: the image column."})
+    question_column: str = field(default="question", metadata={"help": "HF datasets, VQA task: the question column (one question per row)."})
+    answers_column: str = field(default="answers", metadata={"help": "HF datasets, VQA task: the reference answers (a list, VQAv2 dicts, or one string)."})
     captions_column: str = field(default="captions", metadata={"help": "HF datasets, caption task: the reference captions column."})
     label_column: str = field(default="label", metadata={"help": "HF datasets, zeroshot task: the class label column."})
     prompt: str | None = field(default=None, metadata={"help": "caption/targeted prompt (default per task)."})

@@ -37,6 +37,8 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
         hf_columns["label_column"] = config.label_column
     if config.task == "caption":
         hf_columns["caption_column"] = config.captions_column
+    if config.task == "vqa":
+        hf_columns.update(question_column=config.question_column, answers_column=config.answers_column)
     is_world = config.data == "world" or config.data.startswith("world:")
     source = open_source(config.data, split=config.split, n=_images_needed(config), labelled=config.task == "zeroshot",
                          **({} if is_world else hf_columns))
