@@ -40,6 +40,7 @@ from adpo.world.lvlm import (
     answer_text,
     build_world_lvlm,
     projector_state,
+    sha256_file,
     write_manifest,
 )
 
@@ -54,7 +55,7 @@ class ProjectorTrainingConfig:
     size: str = "small"
     seed: int = 0
     data_seed: int = 0
-    train_images: int = 3000
+    train_images: int = 1000
     steps: int = 100
     batch_size: int = 8
     turns: int = 4  # question/answer turns packed per sequence
@@ -62,7 +63,7 @@ class ProjectorTrainingConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 2  # then constant: a run cut short by max_seconds equals a run with steps=steps_run
     max_seconds: float | None = None  # wall-clock budget of phase 2 (None: run all steps)
-    align_steps: int = 400  # phase 1 (embedding regression) steps
+    align_steps: int = 150  # phase 1 (embedding regression) steps
     align_batch_size: int = 128
     align_learning_rate: float = 1e-3
     bf16: bool = False  # measured: no faster than fp32 on this CPU under load, and less exact
@@ -275,10 +276,14 @@ def train_projector(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    clip_sha256 = None
     if clip is None:
+        from adpo.world.clip import WEIGHTS_DIR as CLIP_WEIGHTS_DIR
         from adpo.world.clip import load_world_clip
 
-        clip = load_world_clip(clip_weights_dir)
+        clip_dir = Path(clip_weights_dir) if clip_weights_dir is not None else CLIP_WEIGHTS_DIR
+        clip_sha256 = sha256_file(clip_dir / "model.safetensors")  # assembly refuses a projector/tower mismatch
+        clip = load_world_clip(clip_dir)
     clip_model, clip_processor = clip
     model, processor = build_world_lvlm(config.size, clip_model, clip_processor.image_processor, seed=config.seed)
 
@@ -335,6 +340,7 @@ def train_projector(
     record = {
         "training": asdict(config),
         "lm": SIZES[config.size],
+        "clip_sha256": clip_sha256,
         "projector_init_scale": scale,
         "align_first_loss": align_losses[0] if align_losses else None,
         "align_final_loss": sum(align_losses[-20:]) / max(len(align_losses[-20:]), 1) if align_losses else None,

@@ -245,6 +245,13 @@ def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
         )
     from adpo.world.clip import load_world_clip
 
+    record_path = weights_dir / size / "training.json"
+    trained_on = json.loads(record_path.read_text()).get("clip_sha256") if record_path.is_file() else None
+    if trained_on and trained_on != sha256_file(weights_dir / "clip" / "model.safetensors"):
+        raise RuntimeError(
+            f"{projector_path} was trained on a different WorldCLIP than the one in {weights_dir / 'clip'}; "
+            f"retrain it on this tower with `adpo world build --stages {size}`."
+        )
     clip_model, clip_processor = load_world_clip(weights_dir / "clip")
     model, processor = build_world_lvlm(size, clip_model, clip_processor.image_processor)
     projector = {k: v.float() for k, v in load_file(projector_path).items()}
