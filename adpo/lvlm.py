@@ -541,8 +541,20 @@ def put_encoder(model: nn.Module, source: nn.Module | dict[str, torch.Tensor] | 
 
 
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CLIPVisionModel:
-    """Load an encoder saved in the interchange format (or any CLIPVisionModel directory / hub id)."""
-    return CLIPVisionModel.from_pretrained(os.fspath(path), dtype=dtype)
+    """Load an encoder saved in the interchange format (or any CLIPVisionModel directory / hub id).
+
+    Refuses a checkpoint with missing or unexpected weights (from_pretrained would otherwise initialise
+    them randomly and only log it), so a broken encoder can never be grafted or evaluated silently.
+    """
+    encoder, info = CLIPVisionModel.from_pretrained(os.fspath(path), dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(
+            f"encoder checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "re-export it with adpo.lvlm.save_encoder or convert it with `adpo transfer convert`"
+        )
+    return encoder
 
 
 def save_encoder(encoder: nn.Module, out_dir: str | os.PathLike, image_processor: Any = None, card: dict | None = None) -> Path:

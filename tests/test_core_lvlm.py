@@ -136,3 +136,15 @@ def test_generation_matches_greedy_scores(tiny):
     x = random_pixels(2, seed=5)
     answers = view.generate(x, ["what is in the image ?"] * 2, max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_an_encoder_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, processor = tiny
+    out = save_encoder(export_encoder(model), tmp_path / "encoder", processor)
+    weights = load_file(out / "model.safetensors")
+    weights.pop(next(k for k in weights if "patch_embedding" in k))
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        load_encoder(out)
