@@ -40,6 +40,7 @@ from adpo.lvlm import (
     export_encoder,
     load_lvlm,
     put_encoder,
+    resolve_dtype,
     save_encoder,
     unreachable_tower_parameters,
 )
@@ -220,7 +221,7 @@ def _vision_part(clip: CLIPModel) -> CLIPVisionModel:
 def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
     """Load ``config.model_name_or_path`` as a standalone CLIPVisionModel plus its preprocessing."""
     name = config.model_name_or_path
-    dtype = _dtype(config.model_dtype) or torch.float32
+    dtype = resolve_dtype(config.model_dtype) or torch.float32
     feature_layer, strategy = -2, "default"
     clip_model = clip_processor = None
     if name == WORLD_CLIP:
@@ -242,7 +243,7 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
             processor = AutoProcessor.from_pretrained(name)
             encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
         else:
-            lvlm, processor = load_lvlm(name, dtype=_dtype(config.load_dtype) or dtype,
+            lvlm, processor = load_lvlm(name, dtype=resolve_dtype(config.load_dtype) or dtype,
                                         trust_remote_code=config.trust_remote_code)
             feature_layer = getattr(lvlm.config, "vision_feature_layer", -2)
             strategy = getattr(lvlm.config, "vision_feature_select_strategy", "default")
@@ -265,16 +266,6 @@ def _model_type(name: str, trust_remote_code: bool) -> str | None:
             f"cannot read a model config from {name!r} ({error}); pass a CLIPVisionModel/CLIPModel/LVLM directory, "
             "a hub id, 'world:clip' or 'world:small'"
         ) from error
-
-
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in names:
-        raise ValueError(f"model_dtype / load_dtype must be one of {sorted(names)}, got {name!r}")
-    return names[name]
 
 
 def build_tower_embedding(loaded: LoadedEncoder, embedding: str, head: nn.Module | None = None) -> TowerEmbedding:
