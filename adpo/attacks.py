@@ -251,7 +251,8 @@ def apgd(
                     grad = grad.clone()
                     grad[reduce] = best_grad[restart]
 
-            a = active
+            # While every sample is active, a slice indexes by view instead of gathering copies.
+            a = slice(None) if active.numel() == batch else active
             z = threat.step(x_cur[a], grad, x[a], step_size[a])
             if iteration == 0:
                 x_next = z
