@@ -75,6 +75,7 @@ from adpo.lvlm import (
 )
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
+from adpo.runtime import needs_cpu_process_group
 from adpo.threat import ThreatModel, parse_eps
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class AdPOConfig(DPOConfig):
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the pairs (paper: 2)."})
 
     def __post_init__(self):
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        if not self.use_cpu and needs_cpu_process_group():
             # Without use_cpu, several CPU processes under accelerate/torchrun never join a process group:
             # each would train alone on all the data. use_cpu makes them form a gloo group (DDP).
             self.use_cpu = True
@@ -206,13 +207,6 @@ class AdPOConfig(DPOConfig):
     def threat(self) -> ThreatModel:
         return ThreatModel(norm=self.attack_norm, eps=parse_eps(self.attack_eps), step_size=self.attack_step_size,
                            random_start=self.attack_random_start)
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------------------------

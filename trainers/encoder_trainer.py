@@ -46,6 +46,7 @@ from adpo.lvlm import (
 )
 from adpo.objectives import Objective
 from adpo.preprocess import image_processor_of, to_pixels
+from adpo.runtime import needs_cpu_process_group
 from adpo.sources import ImageRecord, ImageSource, open_source
 from adpo.threat import ThreatModel, parse_eps
 
@@ -136,7 +137,7 @@ class EncoderTrainingConfig(TrainingArguments):
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.attack_steps < 0:
             raise ValueError(f"attack_steps must be >= 0, got {self.attack_steps}")
-        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_accelerator():
+        if not self.use_cpu and needs_cpu_process_group():
             # Several CPU processes under accelerate/torchrun join a (gloo) process group only with use_cpu;
             # otherwise each would train alone on all the data.
             self.use_cpu = True
@@ -154,11 +155,6 @@ class EncoderTrainingConfig(TrainingArguments):
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
-
-
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 def resolve_eps(value: str | float) -> float:
