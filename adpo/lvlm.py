@@ -123,6 +123,12 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     )
 
 
+def feature_selection(model: nn.Module) -> tuple[int | list[int], str]:
+    """The LVLM's (vision_feature_layer, vision_feature_select_strategy), LLaVA's defaults when unset."""
+    config = model.config
+    return getattr(config, "vision_feature_layer", -2), getattr(config, "vision_feature_select_strategy", "default")
+
+
 # ----------------------------------------------------------------------------------------------------
 # The vision tower in pixel space
 # ----------------------------------------------------------------------------------------------------
@@ -161,13 +167,8 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_lvlm(cls, model: nn.Module, processor: Any) -> "VisionTower":
-        config = model.config
-        return cls.from_encoder(
-            find_vision_tower(model),
-            processor,
-            feature_layer=getattr(config, "vision_feature_layer", -2),
-            select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
-        )
+        feature_layer, select_strategy = feature_selection(model)
+        return cls.from_encoder(find_vision_tower(model), processor, feature_layer=feature_layer, select_strategy=select_strategy)
 
     @classmethod
     def from_encoder(cls, encoder: nn.Module, processor: Any, feature_layer: int | list[int] = -2, select_strategy: str = "default") -> "VisionTower":
@@ -453,12 +454,9 @@ def freeze_for_tower_training(model: nn.Module, processor: Any = None, uses: Ite
     if processor is not None and encoder is not model:
         tower = VisionTower.from_lvlm(model, processor)
     else:
-        config = getattr(model, "config", None)
-        tower = VisionTower(
-            encoder, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], encoder.config.image_size,
-            feature_layer=getattr(config, "vision_feature_layer", -2),
-            select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
-        )
+        feature_layer, select_strategy = feature_selection(model)
+        tower = VisionTower(encoder, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], encoder.config.image_size,
+                            feature_layer=feature_layer, select_strategy=select_strategy)
     unreachable = set(unreachable_tower_parameters(tower, uses))
     for parameter in model.parameters():
         parameter.requires_grad_(False)

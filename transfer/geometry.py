@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adpo.lvlm import canonical_encoder_state, find_vision_tower
+from adpo.lvlm import canonical_encoder_state, feature_selection, find_vision_tower
 from adpo.preprocess import image_processor_of
 
 NORMALISATION_TOLERANCE = 1e-6
@@ -93,13 +93,8 @@ class TowerGeometry:
 
     @classmethod
     def from_lvlm(cls, model: nn.Module, processor: Any) -> "TowerGeometry":
-        config = model.config
-        return cls.from_encoder(
-            find_vision_tower(model),
-            processor,
-            feature_layer=getattr(config, "vision_feature_layer", -2),
-            select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
-        )
+        feature_layer, select_strategy = feature_selection(model)
+        return cls.from_encoder(find_vision_tower(model), processor, feature_layer=feature_layer, select_strategy=select_strategy)
 
     def feature_depths(self) -> list[int]:
         """Index into the hidden states (0 = embeddings, i = output of layer i) of each feature layer."""

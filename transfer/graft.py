@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +20,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModel
 from transformers.activations import ACT2FN
 
+from adpo.io import atomic_directory
 from adpo.lvlm import (
     WORLD_PREFIX,
     canonical_encoder_state,
@@ -246,35 +245,12 @@ def save_grafted(
     """
     out = Path(out_dir)
     ensure_writable(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
         (staging / REPORT_MD).write_text(render_report(report))
-        _apply_umask(staging)
-        if out.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, retired / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp (and transformers' own atomic writes) create owner-only modes; give the output the
-    permissions an ordinary directory would have, so a shared model stays readable."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def ensure_writable(out: Path, overwrite: bool) -> None:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adpo.io import atomic_directory
 from adpo.world.lvlm import (
     PROJECTOR_FILE,
     SIZES,
@@ -364,22 +363,11 @@ def save_projector(model, out_dir: str | os.PathLike, record: dict | None = None
     """Atomically write the projector (fp16 safetensors) and its training record to ``out_dir``."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         save_file(projector_state(model), staging / PROJECTOR_FILE, metadata={"format": "pt"})
         if record is not None:
             (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------- everything

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from adpo.io import atomic_directory
 from adpo.world.data import CLASS_NAMES, CLASS_PROMPT_TEMPLATE, SHAPES, load_world_dataset, world_vocabulary
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "clip"
@@ -383,26 +382,14 @@ def train_world_clip(
 
 def save_world_clip(model, processor, out_dir: str | os.PathLike, record: dict | None = None) -> Path:
     """Atomically write model (fp16 safetensors), processor and ``training.json`` to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         half = type(model)(model.config)
         half.load_state_dict(model.state_dict())
         half.to(torch.float16).save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         if record is not None:
             (staging / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        # mkdtemp creates a private directory; shipped weights must be readable by everyone.
-        staging.chmod(0o755)
-        for path in staging.iterdir():
-            path.chmod(0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------------ loading/eval
