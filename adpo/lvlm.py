@@ -586,13 +586,6 @@ def _render_card(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def embedding_drift(tower: VisionTower, original: VisionTower, pixels: torch.Tensor, which: str = "pooled") -> torch.Tensor:
-    """Mean ‖φ_θ(x) − φ_orig(x)‖₂ over a batch of clean images (how far training moved the encoder)."""
-    with torch.no_grad():
-        diff = tower.embed(pixels, which).float() - original.embed(pixels, which).float()
-    return diff.flatten(1).norm(dim=1).mean()
-
-
 def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample cosine similarity of flattened embeddings."""
     return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1)
