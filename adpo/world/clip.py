@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adpo.io import atomic_directory
-from adpo.world.data import CLASS_NAMES, CLASS_PROMPT_TEMPLATE, SHAPES, load_world_dataset, world_vocabulary
+from adpo.world.data import (
+    CLASS_NAMES, CLASS_PROMPT_TEMPLATE, IMAGE_SIZE, SHAPES, class_index, load_world_dataset, world_vocabulary,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "clip"
 TRAINING_RECORD = "training.json"
@@ -102,6 +104,7 @@ class WorldClipSize:
     text_heads: int = 4
     text_intermediate: int = 512
     projection_dim: int = 128
+    patch_size: int = 16
 
 
 def build_world_clip_config(tokenizer, size: WorldClipSize | None = None):
@@ -110,7 +113,7 @@ def build_world_clip_config(tokenizer, size: WorldClipSize | None = None):
     size = size or WorldClipSize()
     vision = CLIPVisionConfig(
         image_size=64,
-        patch_size=16,
+        patch_size=size.patch_size,
         num_channels=3,
         hidden_size=size.vision_hidden,
         num_hidden_layers=size.vision_layers,
@@ -158,11 +161,15 @@ class WorldClipTrainingConfig:
     device: str = "cpu"  # "cuda" trains in about a minute where a GPU is available
     class_prompt_probability: float = 0.2  # else one of the image's captions, uniformly
     class_prompt_loss: bool = True  # add image-vs-all-class-prompts InfoNCE (see clip_training_step)
-    eval_every_steps: int = 100  # log zero-shot accuracy on 250 val images this often (0: never)
-    steps: int | None = 1500  # total optimiser steps (cycling through the shuffled train split); None: epochs
+    eval_every_steps: int = 250  # log zero-shot accuracy on 250 val images this often (0: never)
+    steps: int | None = 5000  # total optimiser steps (cycling through the shuffled train split); None: epochs
     # The 48-way class-prompt loss is the signal that teaches shape; captions add wording/position knowledge.
     caption_loss_weight: float = 0.5
     class_loss_weight: float = 1.0
+    # Auxiliary per-patch classification (which object, or background, covers each patch; head discarded after
+    # training). A ViT this small has no locality prior, and on a CPU budget the image-level losses alone leave
+    # shape near chance: this dense signal made shape learnable in the steps we can afford (see docs/world.md).
+    patch_loss_weight: float = 1.0
     best_val_dir: str | None = None  # when set, save the model there whenever val accuracy improves
 
 
@@ -213,26 +220,67 @@ def contrastive_loss(
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def _shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``max_shift`` pixels (replicate padding, then crop back)."""
+def _shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator, *maps: torch.Tensor):
+    """Random translation by up to ``max_shift`` pixels (replicate padding, then crop back).
+
+    Any ``maps`` ([B, H, W] label maps) get the same translation; then a tuple ``(pixels, *maps)`` is returned.
+    """
     if max_shift == 0:
-        return pixels
+        return (pixels, *maps) if maps else pixels
     size = pixels.shape[-1]
-    padded = F.pad(pixels, [max_shift] * 4, mode="replicate")
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-    return padded[..., dy : dy + size, dx : dx + size]
+
+    def crop(x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, [max_shift] * 4, mode="replicate")
+        return padded[..., dy : dy + size, dx : dx + size]
+
+    if not maps:
+        return crop(pixels)
+    return (crop(pixels), *(crop(m[:, None].float())[:, 0].long() for m in maps))
+
+
+def object_label_maps(objects_column, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Per-pixel class map [N, H, W] of each image: the class of the object covering the pixel, else background.
+
+    Objects are approximated by their bounding circle (radius = the object's size), which is all a patch-level
+    target needs; background is class ``len(CLASS_NAMES)``.
+    """
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    maps = torch.full((len(objects_column), size, size), len(CLASS_NAMES), dtype=torch.uint8)
+    for i, objects in enumerate(objects_column):
+        # Draw the smaller objects last so an overlap (there is none by construction) would favour them.
+        for obj in sorted(objects, key=lambda o: -o["size"]):
+            inside = (xx - obj["x"]) ** 2 + (yy - obj["y"]) ** 2 <= obj["size"] ** 2
+            maps[i][inside] = class_index(obj["color"], obj["shape"])
+    return maps
+
+
+def patch_labels(label_maps: torch.Tensor, patch_size: int, min_cover: float = 0.1) -> torch.Tensor:
+    """Per-patch targets [B, P] from pixel maps: the object class covering most of the patch if it covers at
+    least ``min_cover`` of it, else background."""
+    background = len(CLASS_NAMES)
+    batch, size = label_maps.shape[0], label_maps.shape[-1]
+    n = size // patch_size
+    onehot = F.one_hot(label_maps.long(), background + 1).float()  # [B, H, W, C+1]
+    cover = onehot.view(batch, n, patch_size, n, patch_size, -1).mean(dim=(2, 4)).flatten(1, 2)  # [B, P, C+1]
+    objects_cover, objects_class = cover[..., :background].max(dim=-1)
+    return torch.where(objects_cover >= min_cover, objects_class, torch.full_like(objects_class, background))
 
 
 def clip_training_step(
     model, optimizer, pixel_values, input_ids, attention_mask, labels=None, class_ids=None, class_mask=None,
     bf16: bool = False, caption_loss_weight: float = 1.0, class_loss_weight: float = 1.0,
+    patch_head=None, patch_targets=None, patch_loss_weight: float = 1.0,
 ) -> float:
     """One contrastive update; returns the loss before the update.
 
     The loss is in-batch symmetric InfoNCE between images and their texts; with ``labels`` and the tokenised
     class prompts (``class_ids``/``class_mask`` [C, L], same L as ``input_ids``) it adds an image-to-all-class-
     prompts InfoNCE, a dense signal that every image gets each step, and drops the in-batch false negatives
-    (other images of the same class) from the caption InfoNCE. Repeated texts are encoded once.
+    (other images of the same class) from the caption InfoNCE. Repeated texts are encoded once. With
+    ``patch_head`` (a linear layer, updated by the same optimizer) and ``patch_targets`` [B, P] it adds
+    cross-entropy of every patch token's class (see :func:`patch_labels`).
     """
     model.train()
     texts, masks = input_ids, attention_mask
@@ -242,9 +290,11 @@ def clip_training_step(
     unique_mask = torch.zeros_like(unique_ids)
     unique_mask[inverse] = masks
     with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=bf16):
-        image_embeds = model.get_image_features(pixel_values=pixel_values)
+        vision = model.vision_model(pixel_values=pixel_values)
+        image_embeds = model.visual_projection(vision.pooler_output)
         text_embeds = model.get_text_features(input_ids=unique_ids, attention_mask=unique_mask)
-    image_embeds = getattr(image_embeds, "pooler_output", image_embeds).float()
+        patch_logits = None if patch_head is None else patch_head(vision.last_hidden_state[:, 1:])
+    image_embeds = image_embeds.float()
     text_embeds = getattr(text_embeds, "pooler_output", text_embeds).float()[inverse]
     batch = len(input_ids)
     same_class = None
@@ -257,6 +307,8 @@ def clip_training_step(
             text_embeds[batch:], dim=-1
         ).t()
         loss = loss + class_loss_weight * F.cross_entropy(class_logits, labels)
+    if patch_logits is not None:
+        loss = loss + patch_loss_weight * F.cross_entropy(patch_logits.float().flatten(0, 1), patch_targets.flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -300,10 +352,16 @@ def train_world_clip(
         padding="max_length", max_length=text_ids.shape[-1], return_tensors="pt",
     )
     labels = torch.tensor(dataset["label"])
+    label_maps = object_label_maps(dataset["objects"]) if config.patch_loss_weight else None
 
     model = CLIPModel(build_world_clip_config(processor.tokenizer, size)).to(config.device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    # The patch head only shapes the tower during training; it is not part of the saved CLIPModel.
+    patch_head = (
+        torch.nn.Linear(size.vision_hidden, len(CLASS_NAMES) + 1).to(config.device) if config.patch_loss_weight else None
+    )
+    trained = list(model.named_parameters()) + ([] if patch_head is None else list(patch_head.named_parameters()))
+    decay = [p for n, p in trained if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in trained if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
@@ -328,17 +386,19 @@ def train_world_clip(
             use_prompt = torch.rand(len(idx), generator=generator) < config.class_prompt_probability
             which = torch.where(use_prompt, text_ids.shape[1] - 1, caption)
             # Tables stay on the CPU (seeded indexing); only the batch moves to the training device.
-            batch = {
-                "pixel_values": _shift(pixels[idx], config.max_shift, generator),
-                "input_ids": text_ids[idx, which],
-                "attention_mask": text_mask[idx, which],
-            }
+            if patch_head is None:
+                batch = {"pixel_values": _shift(pixels[idx], config.max_shift, generator)}
+            else:
+                shifted, maps = _shift(pixels[idx], config.max_shift, generator, label_maps[idx])
+                batch = {"pixel_values": shifted, "patch_targets": patch_labels(maps, size.patch_size)}
+            batch |= {"input_ids": text_ids[idx, which], "attention_mask": text_mask[idx, which]}
             if config.class_prompt_loss:
                 batch |= {"labels": labels[idx], "class_ids": prompts["input_ids"], "class_mask": prompts["attention_mask"]}
             batch = {key: value.to(config.device) for key, value in batch.items()}
             loss = clip_training_step(
                 model, optimizer, bf16=config.bf16, caption_loss_weight=config.caption_loss_weight,
-                class_loss_weight=config.class_loss_weight, **batch,
+                class_loss_weight=config.class_loss_weight, patch_head=patch_head,
+                patch_loss_weight=config.patch_loss_weight, **batch,
             )
             scheduler.step()
             losses.append(loss)
