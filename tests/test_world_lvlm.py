@@ -198,3 +198,18 @@ def test_shipped_world_lvlm_answers_world_questions(size):
     measured = world_config().get("metrics", {}).get(size, {}).get("vqa_exact_match", 0.0)
     assert accuracy >= max(0.0, measured - 0.3), list(zip(questions, answers, outputs))
     assert len(outputs) == len(questions)
+
+
+def test_continuing_a_projector_checks_what_it_continues(tmp_path):
+    import json
+
+    from adpo.world.build import _previous_run
+    from adpo.world.lvlm import PROJECTOR_FILE
+
+    with pytest.raises(FileNotFoundError, match="train from scratch"):
+        _previous_run(tmp_path, "abc")
+    (tmp_path / PROJECTOR_FILE).write_bytes(b"")
+    (tmp_path / "training.json").write_text(json.dumps({"clip_sha256": "abc", "steps_run": 3}))
+    assert _previous_run(tmp_path, "abc")["steps_run"] == 3
+    with pytest.raises(ValueError, match="another WorldCLIP"):
+        _previous_run(tmp_path, "def")

@@ -68,6 +68,10 @@ class ProjectorTrainingConfig:
     bf16: bool = False  # measured: no faster than fp32 on this CPU under load, and less exact
     val_questions: int = 64  # greedy exact match on val questions at the end (0: skip)
     threads: int = 2
+    # Continue phase 2 from the projector already in the output folder (its record must name the same
+    # WorldCLIP); skips phase 1. The learning rate is constant after warm-up, so continuing by N steps is
+    # a longer run, not a restart; the record keeps the earlier runs' step counts and losses.
+    continue_training: bool = False
 
 
 def caption_prompt() -> str:
@@ -298,12 +302,22 @@ def train_projector(
     projector = model.model.multi_modal_projector
     for parameter in projector.parameters():
         parameter.requires_grad_(True)
-    probe_ids = torch.tensor([tokens.conversation(_sample_turns(records[i], rng, config.turns, 0.0))[0] for i in range(1)])
-    scale = _match_projector_scale(model, features[:64], probe_ids[probe_ids != model.config.image_token_id][None])
-    align_started = time.time()
-    targets = alignment_targets(model, processor.tokenizer, [r["objects"] for r in records], n_image_tokens)
-    align_losses = align_projector(model, features, targets, config, torch.Generator().manual_seed(config.seed), progress)
-    align_seconds = time.time() - align_started
+    save_dir = Path(out_dir or WEIGHTS_DIR) / config.size
+    previous = _previous_run(save_dir, clip_sha256) if config.continue_training else None
+    if previous is None:
+        probe_ids = torch.tensor([tokens.conversation(_sample_turns(records[i], rng, config.turns, 0.0))[0] for i in range(1)])
+        scale = _match_projector_scale(model, features[:64], probe_ids[probe_ids != model.config.image_token_id][None])
+        align_started = time.time()
+        targets = alignment_targets(model, processor.tokenizer, [r["objects"] for r in records], n_image_tokens)
+        align_losses = align_projector(model, features, targets, config, torch.Generator().manual_seed(config.seed), progress)
+        align_seconds = time.time() - align_started
+    else:
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(save_dir / PROJECTOR_FILE).items()}
+        projector.load_state_dict(state, strict=True)
+        # A fresh batch stream: replaying the first run's batches would add no new data.
+        rng = random.Random(config.seed * 1_000_003 + previous["steps_run"])
 
     optimizer = torch.optim.AdamW(projector.parameters(), lr=config.learning_rate, weight_decay=0.0)
 
@@ -340,23 +354,53 @@ def train_projector(
         "training": asdict(config),
         "lm": SIZES[config.size],
         "clip_sha256": clip_sha256,
-        "projector_init_scale": scale,
-        "align_first_loss": align_losses[0] if align_losses else None,
-        "align_final_loss": sum(align_losses[-20:]) / max(len(align_losses[-20:]), 1) if align_losses else None,
-        "align_wall_seconds": round(align_seconds, 1),
-        "steps_run": len(losses),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1) if losses else None,
-        "loss_by_step": [round(v, 4) for v in losses],
-        "wall_seconds": round(train_seconds, 1),
+    }
+    if previous is None:
+        record |= {
+            "projector_init_scale": scale,
+            "align_first_loss": align_losses[0] if align_losses else None,
+            "align_final_loss": sum(align_losses[-20:]) / max(len(align_losses[-20:]), 1) if align_losses else None,
+            "align_wall_seconds": round(align_seconds, 1),
+        }
+    else:
+        keep = ("projector_init_scale", "align_first_loss", "align_final_loss", "align_wall_seconds")
+        record |= {key: previous.get(key) for key in keep}
+        earlier = previous.get("runs") or [
+            {key: previous.get(key) for key in ("steps_run", "wall_seconds", "loss_by_step", "val_vqa")}
+        ]
+        record["runs"] = earlier + [{"steps_run": len(losses), "wall_seconds": round(train_seconds, 1)}]
+    all_losses = ([] if previous is None else previous["loss_by_step"]) + [round(v, 4) for v in losses]
+    record |= {
+        "steps_run": len(all_losses),
+        "first_loss": all_losses[0] if all_losses else None,
+        "final_loss": sum(all_losses[-10:]) / max(len(all_losses[-10:]), 1) if all_losses else None,
+        "loss_by_step": all_losses,
+        "wall_seconds": round(train_seconds + (0.0 if previous is None else previous["wall_seconds"]), 1),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
     }
     if config.val_questions:
         val = load_world_dataset("val", n=config.val_questions, seed=config.data_seed, progress=progress)
         record["val_vqa"] = vqa_exact_match(model, processor, val, config.val_questions, progress=progress)
-    save_projector(model, Path(out_dir or WEIGHTS_DIR) / config.size, record)
+    save_projector(model, save_dir, record)
     return model, processor, record
+
+
+def _previous_run(save_dir: Path, clip_sha256: str | None) -> dict:
+    """The training record of the projector in ``save_dir``, checked to continue from (``continue_training``)."""
+    record_path = save_dir / TRAINING_RECORD
+    if not (save_dir / PROJECTOR_FILE).is_file() or not record_path.is_file():
+        raise FileNotFoundError(
+            f"nothing to continue in {save_dir}: it needs {PROJECTOR_FILE} and {TRAINING_RECORD}; "
+            "train from scratch (without continue_training / --continue-training) first"
+        )
+    previous = json.loads(record_path.read_text())
+    if previous.get("clip_sha256") != clip_sha256:
+        raise ValueError(
+            f"the projector in {save_dir} was trained on another WorldCLIP (sha256 {previous.get('clip_sha256')}); "
+            "it cannot be continued on this one: train from scratch"
+        )
+    return previous
 
 
 def save_projector(model, out_dir: str | os.PathLike, record: dict | None = None) -> Path:

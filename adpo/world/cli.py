@@ -208,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=None, help="weights folder (default: the package's adpo/world/weights)")
     build.add_argument("--steps", type=int, default=None, help="projector training steps (default: as shipped)")
     build.add_argument("--train-images", type=int, default=None)
+    build.add_argument("--continue-training", action="store_true",
+                       help="projectors: continue from the ones in --out for --steps more steps (no re-alignment)")
     build.add_argument("--seed", type=int, default=0)
     evaluate = sub.add_parser("eval", help="score the world: zero-shot, clean and robust VQA, CIDEr")
     evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"])
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage_config.steps = args.steps
             if args.train_images is not None:
                 stage_config.train_images = args.train_images
+            stage_config.continue_training = args.continue_training
         results = build_world(out_dir=args.out, stages=args.stages, config=config, progress=progress)
         print(json.dumps({"wall_seconds": results["wall_seconds"]}, indent=2))
         return 0
