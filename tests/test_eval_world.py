@@ -7,11 +7,6 @@ import pytest
 pytestmark = pytest.mark.world
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issues 3 and 8): the shipped world-small projector is under-trained and answers a few "
-    "questions with image-independent words, which no image attack can change; the 10 % bar stands",
-)
 def test_world_small_vqa_is_broken_at_the_working_eps(tmp_path):
     from adpo.eval.cli import main
 
