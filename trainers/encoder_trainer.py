@@ -38,6 +38,7 @@ from adpo.lvlm import (
     VisionTower,
     canonical_encoder_state,
     export_encoder,
+    feature_selection,
     load_lvlm,
     put_encoder,
     resolve_dtype,
@@ -241,8 +242,7 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
         else:
             lvlm, processor = load_lvlm(name, dtype=resolve_dtype(config.load_dtype) or dtype,
                                         trust_remote_code=config.trust_remote_code)
-            feature_layer = getattr(lvlm.config, "vision_feature_layer", -2)
-            strategy = getattr(lvlm.config, "vision_feature_select_strategy", "default")
+            feature_layer, strategy = feature_selection(lvlm)
             encoder, kind = export_encoder(lvlm), "lvlm"
             del lvlm  # the language model is not used by encoder-only objectives
     if config.feature_layer is not None:

@@ -38,6 +38,7 @@ from adpo.world.lvlm import (
     WEIGHTS_DIR,
     answer_text,
     build_world_lvlm,
+    load_projector,
     projector_state,
     sha256_file,
     write_manifest,
@@ -312,10 +313,7 @@ def train_projector(
         align_losses = align_projector(model, features, targets, config, torch.Generator().manual_seed(config.seed), progress)
         align_seconds = time.time() - align_started
     else:
-        from safetensors.torch import load_file
-
-        state = {k: v.float() for k, v in load_file(save_dir / PROJECTOR_FILE).items()}
-        projector.load_state_dict(state, strict=True)
+        load_projector(model, save_dir / PROJECTOR_FILE)
         # A fresh batch stream: replaying the first run's batches would add no new data.
         rng = random.Random(config.seed * 1_000_003 + previous["steps_run"])
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from adpo.io import write_json_atomic, write_text_atomic
 
 BREAK_THRESHOLD = 0.10  # robust VQA accuracy at or below which the world counts as broken at an epsilon
 
@@ -190,9 +191,7 @@ def update_world_config(results: dict) -> Path:
     text = "# The bundled world's settings and measured metrics (read by adpo.world.world_config()).\n"
     text += "# Written by `adpo world eval --update-config`; later stages default to working_eps.\n"
     text += yaml.safe_dump(config, sort_keys=False)
-    tmp = WORLD_CONFIG_PATH.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, WORLD_CONFIG_PATH)
+    write_text_atomic(WORLD_CONFIG_PATH, text)
     return WORLD_CONFIG_PATH
 
 
@@ -249,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps, batch_size=args.batch_size, captions=not args.no_captions, zeroshot=not args.no_zeroshot,
         progress=progress,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(args.out, results)
     if args.update_config:
         update_world_config(results)
     print(json.dumps({k: v for k, v in results.items() if k != "protocol"}, indent=2)[:4000])

@@ -169,6 +169,14 @@ def projector_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()}
 
 
+def load_projector(model, path: Path) -> None:
+    """Put a saved projector (``projector_state``'s fp16 file) into ``model``, as fp32; every key must match."""
+    from safetensors.torch import load_file
+
+    state = {k: v.float() for k, v in load_file(path).items()}
+    model.model.multi_modal_projector.load_state_dict(state, strict=True)
+
+
 # ------------------------------------------------------------------------------------------ shipped weights
 
 
@@ -234,8 +242,6 @@ def assembled_cache_dir(size: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
 
 def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
     """Full world LLaVA from shipped weights + the installed LM package (slow path; see :func:`load_world_lvlm`)."""
-    from safetensors.torch import load_file
-
     weights_dir = Path(weights_dir)
     projector_path = weights_dir / size / PROJECTOR_FILE
     if not projector_path.is_file():
@@ -254,8 +260,7 @@ def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
         )
     clip_model, clip_processor = load_world_clip(weights_dir / "clip")
     model, processor = build_world_lvlm(size, clip_model, clip_processor.image_processor)
-    projector = {k: v.float() for k, v in load_file(projector_path).items()}
-    model.model.multi_modal_projector.load_state_dict(projector, strict=True)
+    load_projector(model, projector_path)
     return model, processor
 
 
