@@ -63,5 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def console_script() -> None:
+    """The installed ``adpo`` command: ``main`` as a whole process (see :func:`adpo.runtime.run_as_process`)."""
+    from adpo.runtime import run_as_process
+
+    sys.exit(run_as_process(main))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_script()

@@ -195,4 +195,6 @@ def convert(config: ConvertConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from adpo.runtime import run_as_process
+
+    sys.exit(run_as_process(main))
