@@ -25,9 +25,14 @@ _TOLERANCE = 1e-6
 
 
 def parse_eps(value: float | int | str) -> float:
-    """Accept ε as a float (``0.0078``), a fraction string (``"2/255"``) or an integer of 255ths (``2``)."""
+    """Accept ε as a float (``0.0078``), a fraction string (``"2/255"``), an integer of 255ths (``2``) or
+    ``"world"``: the bundled world's working ε (measured, in ``adpo/world/world.yaml``)."""
     if isinstance(value, str):
         text = value.strip()
+        if text.lower() == "world":
+            from adpo.world import world_config  # the world is optional: import it only when named
+
+            return float(world_config()["working_eps"])
         if "/" in text:
             numerator, denominator = text.split("/", 1)
             return float(numerator) / float(denominator)

@@ -93,6 +93,12 @@ def test_parse_eps_accepts_fractions_and_255ths():
     assert parse_eps(0.01) == pytest.approx(0.01)
 
 
+def test_parse_eps_world_is_the_working_eps_in_world_yaml():
+    from adpo.world import world_config
+
+    assert parse_eps(" World ") == float(world_config()["working_eps"]) > 0
+
+
 @pytest.mark.parametrize("norm, eps", [("linf", 2 / 255), ("linf", 2.5 / 255), ("l2", 0.1), ("l2", 0.5)])
 def test_quantized_adversarial_images_stay_in_the_ball_on_the_uint8_grid(norm, eps):
     threat = ThreatModel(norm=norm, eps=eps)

@@ -136,7 +136,7 @@ class AdPOConfig(DPOConfig):
                   "on the FARE objective ||φ_θ(x_adv) − φ_orig(x)||² against the frozen original encoder."},
     )
     attack_norm: str = field(default="linf", metadata={"help": "Online attack norm: linf or l2."})
-    attack_eps: str = field(default="2/255", metadata={"help": "Online attack ε: '2/255', 0.0078 or 2 (255ths)."})
+    attack_eps: str = field(default="2/255", metadata={"help": "Online attack ε: '2/255', 0.0078, 2 (255ths) or 'world' (the bundled world's working ε)."})
     attack_steps: int = field(default=10, metadata={"help": "Online PGD steps."})
     attack_step_size: float | None = field(default=None, metadata={"help": "Online PGD step size (default ε/4)."})
     attack_random_start: bool = field(default=True, metadata={"help": "Online PGD starts uniformly in the ball."})

@@ -148,7 +148,7 @@ class EncoderTrainingConfig(TrainingArguments):
     def threat(self) -> ThreatModel:
         return ThreatModel(
             norm=self.norm,
-            eps=resolve_eps(self.eps),
+            eps=parse_eps(self.eps),
             step_size=parse_eps(self.attack_step_size),
             random_start=self.attack_random_start,
         )
@@ -156,15 +156,6 @@ class EncoderTrainingConfig(TrainingArguments):
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
-
-
-def resolve_eps(value: str | float) -> float:
-    """ε from a config value; ``"world"`` means the bundled world's working ε."""
-    if isinstance(value, str) and value.strip().lower() == "world":
-        from adpo.world import world_config
-
-        return parse_eps(world_config()["working_eps"])
-    return parse_eps(value)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -383,10 +383,6 @@ def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
     """(epsilon, label) pairs sorted by epsilon; "world" is the bundled world's working epsilon."""
     resolved = []
     for value in values:
-        if str(value).strip().lower() == "world":
-            from adpo.world import world_config
-
-            value = world_config()["working_eps"]
         eps = parse_eps(value)
         in_255ths = round(eps * 255, 2)
         label = f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-4) else f"{eps:.4g}"
