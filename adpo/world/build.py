@@ -55,7 +55,9 @@ class ProjectorTrainingConfig:
     size: str = "small"
     seed: int = 0
     data_seed: int = 0
-    train_images: int = 1000
+    # All of the train split: with 1000 images the projector overfitted (train 78 % vs val 61 % exact match on 96
+    # questions). Features are computed once, so more images cost seconds, not step time.
+    train_images: int = 10000
     steps: int = 100
     batch_size: int = 8
     turns: int = 4  # question/answer turns packed per sequence

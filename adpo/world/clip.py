@@ -170,6 +170,9 @@ class WorldClipTrainingConfig:
     # training). A ViT this small has no locality prior, and on a CPU budget the image-level losses alone leave
     # shape near chance: this dense signal made shape learnable in the steps we can afford (see docs/world.md).
     patch_loss_weight: float = 1.0
+    # Where the patch loss reads the tokens: -2 is the layer the world's LVLMs read (LLaVA-1.5's feature layer).
+    # With the loss on the last layer only, a linear probe found shape at layer -2 far weaker (77 % vs 92 %).
+    patch_loss_layer: int = -2
     best_val_dir: str | None = None  # when set, save the model there whenever val accuracy improves
 
 
@@ -271,7 +274,7 @@ def patch_labels(label_maps: torch.Tensor, patch_size: int, min_cover: float = 0
 def clip_training_step(
     model, optimizer, pixel_values, input_ids, attention_mask, labels=None, class_ids=None, class_mask=None,
     bf16: bool = False, caption_loss_weight: float = 1.0, class_loss_weight: float = 1.0,
-    patch_head=None, patch_targets=None, patch_loss_weight: float = 1.0,
+    patch_head=None, patch_targets=None, patch_loss_weight: float = 1.0, patch_layer: int = -2,
 ) -> float:
     """One contrastive update; returns the loss before the update.
 
@@ -280,7 +283,7 @@ def clip_training_step(
     prompts InfoNCE, a dense signal that every image gets each step, and drops the in-batch false negatives
     (other images of the same class) from the caption InfoNCE. Repeated texts are encoded once. With
     ``patch_head`` (a linear layer, updated by the same optimizer) and ``patch_targets`` [B, P] it adds
-    cross-entropy of every patch token's class (see :func:`patch_labels`).
+    cross-entropy of every patch token's class (see :func:`patch_labels`), read at hidden-state ``patch_layer``.
     """
     model.train()
     texts, masks = input_ids, attention_mask
@@ -290,10 +293,10 @@ def clip_training_step(
     unique_mask = torch.zeros_like(unique_ids)
     unique_mask[inverse] = masks
     with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16, enabled=bf16):
-        vision = model.vision_model(pixel_values=pixel_values)
+        vision = model.vision_model(pixel_values=pixel_values, output_hidden_states=patch_head is not None)
         image_embeds = model.visual_projection(vision.pooler_output)
         text_embeds = model.get_text_features(input_ids=unique_ids, attention_mask=unique_mask)
-        patch_logits = None if patch_head is None else patch_head(vision.last_hidden_state[:, 1:])
+        patch_logits = None if patch_head is None else patch_head(vision.hidden_states[patch_layer][:, 1:])
     image_embeds = image_embeds.float()
     text_embeds = getattr(text_embeds, "pooler_output", text_embeds).float()[inverse]
     batch = len(input_ids)
@@ -398,7 +401,7 @@ def train_world_clip(
             loss = clip_training_step(
                 model, optimizer, bf16=config.bf16, caption_loss_weight=config.caption_loss_weight,
                 class_loss_weight=config.class_loss_weight, patch_head=patch_head,
-                patch_loss_weight=config.patch_loss_weight, **batch,
+                patch_loss_weight=config.patch_loss_weight, patch_layer=config.patch_loss_layer, **batch,
             )
             scheduler.step()
             losses.append(loss)
