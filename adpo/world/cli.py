@@ -203,23 +203,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is installed: LM packages, caches, shipped weights (hash check)")
     build = sub.add_parser("build", help="rebuild every shipped weight from scratch (seeded)")
-    build.add_argument("--stages", nargs="+", default=["clip", "small", "large"], choices=["clip", "small", "large"])
+    build.add_argument("--stages", nargs="+", default=["clip", "small", "large"], choices=["clip", "small", "large"],
+                       help="what to rebuild: WorldCLIP and/or the projectors (these train on the WorldCLIP in --out)")
     build.add_argument("--out", default=None, help="weights folder (default: the package's adpo/world/weights)")
     build.add_argument("--steps", type=int, default=None, help="projector training steps (default: as shipped)")
-    build.add_argument("--train-images", type=int, default=None)
+    build.add_argument("--train-images", type=int, default=None,
+                       help="projectors: first N train-split images (default: the whole split, as shipped)")
     build.add_argument("--continue-training", action="store_true",
                        help="projectors: continue from the ones in --out for --steps more steps (no re-alignment)")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0, help="seed of every stage (the shipped weights use 0)")
     evaluate = sub.add_parser("eval", help="score the world: zero-shot, clean and robust VQA, CIDEr")
-    evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"])
-    evaluate.add_argument("--clean-images", type=int, default=500)
-    evaluate.add_argument("--robust-images", type=int, default=100)
-    evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"])
+    evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"],
+                          help="which LVLMs to score (the working eps needs both, here or already in world.yaml)")
+    evaluate.add_argument("--clean-images", type=int, default=500, help="test images for clean VQA, captions and zero-shot")
+    evaluate.add_argument("--robust-images", type=int, default=100, help="first N of those attacked per eps (0: clean only)")
+    evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"], help="l-inf radii of the robust VQA")
     evaluate.add_argument("--steps", type=int, default=50, help="APGD steps")
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--no-captions", action="store_true")
-    evaluate.add_argument("--no-zeroshot", action="store_true")
-    evaluate.add_argument("--out", default="runs/world_eval.json")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="samples attacked together")
+    evaluate.add_argument("--no-captions", action="store_true", help="skip caption CIDEr")
+    evaluate.add_argument("--no-zeroshot", action="store_true", help="skip WorldCLIP zero-shot accuracy")
+    evaluate.add_argument("--out", default="runs/world_eval.json", help="where the JSON results go")
     evaluate.add_argument("--update-config", action="store_true", help="write metrics + working eps into world.yaml")
     return parser
 
