@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -75,6 +76,30 @@ def load_lvlm(
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     find_vision_tower(model)  # fail now, with a clear message, if this is not a vision-language model
     return model, processor
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> str:
+    """A short key that changes when the weights behind ``name_or_path`` change (for resume checks).
+
+    ``world:*``: the hashes of the shipped files the model is assembled from. A local directory: its
+    ``config.json`` plus the name, size and modification time of every weight file (hashing multi-GB
+    weights on every resume would cost minutes). A hub id: the id and revision (the hub's cache pins files
+    by commit).
+    """
+    if name_or_path.startswith(WORLD_PREFIX):
+        from adpo.world.lvlm import assembly_key
+
+        return f"world-{assembly_key(name_or_path[len(WORLD_PREFIX):])}"
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return f"hub-{name_or_path}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    config = path / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"")
+    for weight in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        stat = weight.stat()
+        digest.update(f"{weight.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"dir-{digest.hexdigest()[:16]}"
 
 
 def _default_device() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -220,6 +221,10 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
         if marker.exists() and not force and stage.name not in force_stages:
             print(f"{prefix}: done earlier, skipped ({marker})", flush=True)
             continue
+        if force or stage.name in force_stages:
+            # Redo means from scratch: a stage resumes whatever it finds (pair shards, checkpoints), and
+            # those may come from other settings or since-rebuilt models.
+            shutil.rmtree(stage.directory, ignore_errors=True)
         print(f"{prefix}: running", flush=True)
         marker.unlink(missing_ok=True)
         stage_start = time.perf_counter()

@@ -178,8 +178,12 @@ class PairsConfig:
         return settings
 
     def content_fingerprint(self) -> dict:
-        """The fields that decide the dataset's content; a resume must match them exactly."""
-        return {k: v for k, v in asdict(self).items() if k not in NON_CONTENT_FIELDS}
+        """What decides the dataset's content: the content fields and the weights behind the model name (a
+        rebuilt local model or world keeps its name); a resume must match exactly."""
+        from adpo.lvlm import model_identity
+
+        fields = {k: v for k, v in asdict(self).items() if k not in NON_CONTENT_FIELDS}
+        return fields | {"model_weights": model_identity(self.model_name_or_path)}
 
     def fingerprint_hash(self) -> str:
         blob = json.dumps(self.content_fingerprint(), sort_keys=True, default=str)

@@ -140,3 +140,22 @@ def test_resume_with_changed_content_settings_is_refused(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["config"]["steps"] == 10
 
 
+def test_resume_with_rebuilt_model_weights_under_the_same_name_is_refused(tmp_path):
+    import os
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llava"}')
+    (model_dir / "model.safetensors").write_bytes(b"first")
+    config = valid_config(tmp_path, model_name_or_path=str(model_dir))
+    manifest = {"fingerprint": config.fingerprint_hash(), "plan_digest": "p", "eps": 2 / 255, "config": config.content_fingerprint()}
+    check_or_write_manifest(tmp_path, manifest, write=True)
+    (model_dir / "model.safetensors").write_bytes(b"retrained")
+    os.utime(model_dir / "model.safetensors", ns=(1, 1))
+    rebuilt = valid_config(tmp_path, model_name_or_path=str(model_dir))
+    assert rebuilt.fingerprint_hash() != manifest["fingerprint"]  # same name, other weights
+    other = {**manifest, "fingerprint": rebuilt.fingerprint_hash(), "config": rebuilt.content_fingerprint()}
+    with pytest.raises(ValueError, match="changed: model_weights"):
+        check_or_write_manifest(tmp_path, other, write=True)
+
+

@@ -59,6 +59,26 @@ def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeyp
     assert calls == [["train", "fare"]]
 
 
+def test_forced_stage_starts_from_an_empty_directory(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(argv):
+        if argv[:2] == ["train", "fare"]:
+            seen["stale"] = (tmp_path / "out/train/fare/run/checkpoint-8").exists()
+
+    monkeypatch.setattr(pipeline, "_adpo", record)
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config)
+    stale = tmp_path / "out/train/fare/run/checkpoint-8"
+    stale.mkdir(parents=True)  # e.g. left by a run with other settings: a forced stage must not resume it
+    pipeline.run_pipeline(config, force_stages=("train-fare",))
+    assert seen["stale"] is False and not stale.exists()
+    assert (tmp_path / "out/train/fare/STAGE_DONE.json").exists()
+    stale.mkdir(parents=True)
+    pipeline.run_pipeline(config)  # not forced: finished stages and their files are left alone
+    assert stale.exists()
+
+
 def test_bad_pipeline_configs_name_the_problem(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"output_dir": "x", "methodz": ["adpo"]}))

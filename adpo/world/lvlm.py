@@ -235,9 +235,14 @@ def _assembly_key(size: str, manifest: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def assembled_cache_dir(size: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
+def assembly_key(size: str, weights_dir: Path = WEIGHTS_DIR) -> str:
+    """Key of the ``size`` LVLM as the shipped weights assemble it (changes when WorldCLIP or its projector does)."""
     _check_size(size)
-    return cache_root() / "lvlm" / f"{size}-{_assembly_key(size, read_manifest(weights_dir))}"
+    return _assembly_key(size, read_manifest(weights_dir))
+
+
+def assembled_cache_dir(size: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
+    return cache_root() / "lvlm" / f"{size}-{assembly_key(size, weights_dir)}"
 
 
 def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
