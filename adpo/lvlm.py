@@ -78,13 +78,13 @@ def load_lvlm(
     return model, processor
 
 
-def model_identity(name_or_path: str, revision: str | None = None) -> str:
+def model_identity(name_or_path: str) -> str:
     """A short key that changes when the weights behind ``name_or_path`` change (for resume checks).
 
     ``world:*``: the hashes of the shipped files the model is assembled from. A local directory: its
     ``config.json`` plus the name, size and modification time of every weight file (hashing multi-GB
-    weights on every resume would cost minutes). A hub id: the id and revision (the hub's cache pins files
-    by commit).
+    weights on every resume would cost minutes). A hub id: the id itself (a changed hub revision is not
+    detected).
     """
     if name_or_path.startswith(WORLD_PREFIX):
         from adpo.world.lvlm import assembly_key
@@ -92,7 +92,7 @@ def model_identity(name_or_path: str, revision: str | None = None) -> str:
         return f"world-{assembly_key(name_or_path[len(WORLD_PREFIX):])}"
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
-        return f"hub-{name_or_path}@{revision or 'main'}"
+        return f"hub-{name_or_path}"
     digest = hashlib.sha256()
     config = path / "config.json"
     digest.update(config.read_bytes() if config.is_file() else b"")
