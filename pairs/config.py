@@ -162,9 +162,7 @@ class PairsConfig:
         if self.eps is not None:
             return _radius(self.eps, "eps")
         if self.model_name_or_path.startswith("world:"):
-            from adpo.world import world_config  # the world is optional; import only when asked for
-
-            return float(world_config()["working_eps"])
+            return parse_eps("world")
         return 2 / 255
 
     def step_size_value(self) -> float | None:
