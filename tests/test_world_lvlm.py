@@ -127,6 +127,42 @@ def test_answer_loss_matches_the_full_llava_forward(tiny_world_llava):
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-5)
 
 
+def test_lm_lora_folds_into_the_lm_exactly_as_assembly_and_continuing_load_it(tiny_world_llava, tmp_path):
+    import copy
+
+    from adpo.world.build import ProjectorTrainingConfig, add_lm_lora, fold_lm_lora, save_projector
+
+    base = tiny_world_llava[0]
+    model, plain, resumed = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    config = ProjectorTrainingConfig(lm_lora_rank=4, lm_lora_alpha=8.0)
+    parameters = add_lm_lora(model, config)
+    assert len(parameters) == 2 * 7 * 2  # 2 layers x 7 projections x (A, B)
+    assert not any("lora_" in name for name, _ in model.model.vision_tower.named_parameters())  # the LM only
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # fp16-exact values: the shipped adapter is fp16
+        for parameter in parameters:
+            parameter.copy_((0.1 * torch.randn(parameter.shape, generator=generator)).half().float())
+    ids = torch.randint(0, base.config.image_token_id, (2, 7), generator=generator)
+
+    def hidden(m):
+        with torch.no_grad():
+            return m.model.language_model(input_ids=ids).last_hidden_state
+
+    adapted = hidden(model)
+    state = fold_lm_lora(model, config)
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert type(model.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(hidden(model), adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hidden(plain), adapted, atol=1e-3)  # the adapter did change the LM
+
+    settings = {"rank": 4, "alpha": 8.0, "targets": config.lm_lora_targets}
+    save_projector(model, tmp_path / "small", {"steps_run": 0}, state, settings)
+    assert world_lvlm.load_lm_lora(plain, tmp_path / "small" / world_lvlm.LM_LORA_FILE) == 14
+    torch.testing.assert_close(hidden(plain), adapted, rtol=1e-5, atol=1e-5)
+    add_lm_lora(resumed, config, state)  # continue_training starts from the saved adapter
+    torch.testing.assert_close(hidden(resumed), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_manifest_round_trip_detects_changed_files(tmp_path):
     (tmp_path / "small").mkdir()
     (tmp_path / "small" / "projector.safetensors").write_bytes(b"abc")

@@ -209,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, default=None, help="projector training steps (default: as shipped)")
     build.add_argument("--train-images", type=int, default=None,
                        help="projectors: first N train-split images (default: the whole split, as shipped)")
+    build.add_argument("--lm-lora-rank", type=int, default=None,
+                       help="projectors: rank of the LoRA adapter trained on the LM beside them "
+                            "(default: as shipped, 16; 0 keeps the LM frozen)")
     build.add_argument("--continue-training", action="store_true",
                        help="projectors: continue from the ones in --out for --steps more steps (no re-alignment)")
     build.add_argument("--seed", type=int, default=0, help="seed of every stage (the shipped weights use 0)")
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage_config.steps = args.steps
             if args.train_images is not None:
                 stage_config.train_images = args.train_images
+            if args.lm_lora_rank is not None:
+                stage_config.lm_lora_rank = args.lm_lora_rank
             stage_config.continue_training = args.continue_training
         results = build_world(out_dir=args.out, stages=args.stages, config=config, progress=progress)
         print(json.dumps({"wall_seconds": results["wall_seconds"]}, indent=2))

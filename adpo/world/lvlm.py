@@ -35,6 +35,7 @@ from adpo.world.lm import CONVERSION_VERSION, WORLD_LMS, cache_root, load_lm
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
 PROJECTOR_FILE = "projector.safetensors"
+LM_LORA_FILE = "lm_lora.safetensors"  # optional LoRA adapter of the LM, merged into it at assembly
 
 #: world LVLM size -> world LM name
 SIZES: dict[str, str] = {"small": "smollm2", "large": "gemma3"}
@@ -177,6 +178,41 @@ def load_projector(model, path: Path) -> None:
     model.model.multi_modal_projector.load_state_dict(state, strict=True)
 
 
+def merge_lm_lora(model, state: dict[str, torch.Tensor], scale: float) -> int:
+    """Fold a LoRA adapter of the LM into its weights in place: ``W += scale · B @ A`` for each adapted layer.
+
+    ``state`` has peft's saved key layout relative to the LM (``layers.0.self_attn.q_proj.lora_A.weight``).
+    Merged, the model is a plain ``LlavaForConditionalGeneration`` again. Returns the number of layers merged.
+    """
+    modules = dict(model.model.language_model.named_modules())
+    suffix = ".lora_A.weight"
+    merged = 0
+    for key in sorted(state):
+        if not key.endswith(suffix):
+            continue
+        name = key[: -len(suffix)]
+        if name not in modules or f"{name}.lora_B.weight" not in state:
+            raise KeyError(f"LM LoRA adapter names {name!r}, which this LM lacks (or its lora_B is missing)")
+        weight = modules[name].weight
+        delta = state[f"{name}.lora_B.weight"].float() @ state[key].float()
+        with torch.no_grad():
+            weight.add_((scale * delta).to(weight.dtype))
+        merged += 1
+    return merged
+
+
+def load_lm_lora(model, path: Path) -> int:
+    """Merge a saved LM adapter (safetensors with ``lora_rank``/``lora_alpha`` metadata) into ``model``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    if "lora_rank" not in metadata or "lora_alpha" not in metadata:
+        raise ValueError(f"{path} lacks lora_rank/lora_alpha metadata; rebuild it with `adpo world build`")
+    return merge_lm_lora(model, state, float(metadata["lora_alpha"]) / int(metadata["lora_rank"]))
+
+
 # ------------------------------------------------------------------------------------------ shipped weights
 
 
@@ -266,6 +302,8 @@ def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
     clip_model, clip_processor = load_world_clip(weights_dir / "clip")
     model, processor = build_world_lvlm(size, clip_model, clip_processor.image_processor)
     load_projector(model, projector_path)
+    if (weights_dir / size / LM_LORA_FILE).is_file():
+        load_lm_lora(model, weights_dir / size / LM_LORA_FILE)
     return model, processor
 
 
