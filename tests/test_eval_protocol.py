@@ -267,3 +267,12 @@ def test_cli_zeroshot_with_a_clip_model_and_hf_dataset(tmp_path):
     assert report["task"] == "zeroshot" and report["num_samples"] == 4
     assert report["robust"][0]["metrics"]["accuracy"] <= report["clean"]["accuracy"]
     assert set(report["protocol"]["passes"]) == {"ce", "target#0"}
+
+
+def test_half_precision_is_fp32_on_cpu_and_bf16_only_when_asked():
+    cpu = torch.device("cpu")
+    with protocol.precision_context("half", cpu):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with protocol.precision_context("bfloat16", cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

@@ -47,7 +47,8 @@ class EvalConfig:
     precision_schedule: list[str] = field(
         default_factory=lambda: ["half", "float32"],
         metadata={"help": "Stages, each running every attack pass on the still-unbroken samples; later stages warm-start "
-                          "from the worst perturbation so far. half = fp16 autocast on GPU, bf16 autocast on CPU."},
+                          "from the worst perturbation so far. half = fp16 autocast on GPU, "
+                          "float32 on CPU (bf16 autocast was slower there; ask for bfloat16 explicitly)."},
     )
     vqa_targets: list[str] = field(default_factory=lambda: ["Maybe", "Word"], metadata={"help": "VQA: extra targeted passes."})
     target: str = field(default="https://tinyurl.com/adpo-target", metadata={"help": "targeted: the string the attack tries to make the model output."})
