@@ -178,6 +178,7 @@ def apgd(
     rho: float = 0.75,
     momentum: float = 0.75,
     early_stop: bool = True,
+    groups: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> AttackResult:
@@ -186,11 +187,17 @@ def apgd(
     value changed), restarting from the best iterate; returns the best iterate.
 
     ``init`` warm-starts from a given perturbation (e.g. the best of a previous, cheaper pass);
-    it is projected into the ball first.
+    it is projected into the ball first. ``groups`` (one id per row) ties rows together under early stop:
+    when a row succeeds, every row with its id stops too (several attacks on one image side by side,
+    where one success breaks the image); those rows keep their best iterate and report no success.
     """
     x = _prepare(x, steps)
     batch = x.shape[0]
     device = x.device
+    if groups is not None:
+        if groups.shape != (batch,):
+            raise ValueError(f"groups must hold one id per image, shape ({batch},), got {tuple(groups.shape)}")
+        groups = groups.to(device)
     x_cur = threat.project(init.detach().float(), x) if init is not None else threat.random_init(x, generator)
     x_prev = x_cur.clone()
     step_size = torch.full((batch,), 2.0 * threat.eps, device=device)
@@ -227,7 +234,8 @@ def apgd(
                 if early_stop and bool(hit.any()):
                     best_x[active[hit]] = x_cur[active[hit]]
                     best_values[active[hit]] = values[hit]
-                    keep = ~hit
+                    done = hit if groups is None else torch.isin(groups[active], groups[active[hit]])
+                    keep = ~done
                     active = active[keep]
                     grad = grad[keep] if grad is not None else None
             if iteration == steps or active.numel() == 0:

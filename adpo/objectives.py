@@ -89,15 +89,17 @@ class LanguageModelLoss(Objective):
     teacher-forced greedy prediction differs from the reference at some answer token — which, for greedy
     decoding, is exactly "the generated answer is not the reference".
     Targeted: maximise −NLL of a target string (pull it in); success when every target token is the
-    greedy prediction, i.e. greedy decoding produces the target.
+    greedy prediction, i.e. greedy decoding produces the target. ``targeted`` is one flag for the batch or
+    one per sample (untargeted and targeted attack passes side by side in one batch).
 
     ``labels`` follow the Hugging Face convention (``-100`` outside the answer); build them with
     :meth:`adpo.lvlm.LlavaView.encode` so the answer ends at the model's end-of-turn token.
     """
 
-    per_sample_fields = ("input_ids", "attention_mask", "labels")
+    per_sample_fields = ("input_ids", "attention_mask", "labels", "targeted")
 
-    def __init__(self, view: "LlavaView", input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, targeted: bool = False):
+    def __init__(self, view: "LlavaView", input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 targeted: bool | torch.Tensor = False):
         if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
@@ -109,7 +111,7 @@ class LanguageModelLoss(Objective):
         self.input_ids = input_ids
         self.attention_mask = attention_mask
         self.labels = labels
-        self.targeted = targeted
+        self.targeted = torch.as_tensor(targeted, dtype=torch.bool).expand(input_ids.shape[0]).clone()
 
     def modules(self) -> Sequence[nn.Module]:
         return (self.view.model,)
@@ -117,9 +119,9 @@ class LanguageModelLoss(Objective):
     def evaluate(self, x: torch.Tensor) -> Evaluation:
         scores = self.view.answer_scores(x, self.input_ids, self.attention_mask, self.labels)
         mean_nll = -scores.sum_logps / scores.num_tokens
-        if self.targeted:
-            return Evaluation(values=-mean_nll, success=scores.all_greedy)
-        return Evaluation(values=mean_nll, success=~scores.all_greedy)
+        targeted = self.targeted.to(mean_nll.device)
+        return Evaluation(values=torch.where(targeted, -mean_nll, mean_nll),
+                          success=torch.where(targeted, scores.all_greedy, ~scores.all_greedy))
 
 
 class ZeroShotCrossEntropy(Objective):
@@ -127,6 +129,7 @@ class ZeroShotCrossEntropy(Objective):
 
     Untargeted: maximise CE of the true ``labels``; success when the prediction is wrong.
     Targeted (``target_labels`` given): maximise −CE of the targets; success when the target is predicted.
+    A target label of −1 makes that sample's row untargeted (both kinds of pass side by side in one batch).
     """
 
     per_sample_fields = ("labels", "target_labels")
@@ -157,8 +160,11 @@ class ZeroShotCrossEntropy(Objective):
     def evaluate(self, x: torch.Tensor) -> Evaluation:
         logits = self.logits(x)
         predicted = logits.argmax(dim=-1)
-        if self.target_labels is not None:
-            values = -F.cross_entropy(logits, self.target_labels, reduction="none")
-            return Evaluation(values=values, success=predicted == self.target_labels)
         values = F.cross_entropy(logits, self.labels, reduction="none")
-        return Evaluation(values=values, success=predicted != self.labels)
+        success = predicted != self.labels
+        if self.target_labels is not None:
+            targeted = self.target_labels >= 0
+            toward = -F.cross_entropy(logits, self.target_labels.clamp_min(0), reduction="none")
+            values = torch.where(targeted, toward, values)
+            success = torch.where(targeted, predicted == self.target_labels, success)
+        return Evaluation(values=values, success=success)

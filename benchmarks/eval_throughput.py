@@ -2,7 +2,8 @@
 
 Both sides run the same protocol (`adpo.eval.protocol.run_protocol`: clean pass, APGD passes, generation,
 scoring) with the same attack strength (steps, epsilon, passes, precision schedule, per-sample early stop) on
-the same samples; only the batch size differs. Runs are interleaved (A B, B A, ...) and the medians compared.
+the same samples; only the batch size differs: the batched side holds every sample with all its attack passes
+(answer + targets side by side) in one batch, the other side attacks one (sample, pass) row at a time. Runs are interleaved (A B, B A, ...) and the medians compared.
 
     python benchmarks/eval_throughput.py --quick            # tiny random LLaVA, < 2 min on 2 CPU cores
     python benchmarks/eval_throughput.py --model world:small
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     samples_n = args.samples or (16 if args.quick else 32)
     steps = args.steps or (20 if args.quick else 100)
-    batch_size = args.batch_size or samples_n
     repeats = args.repeats or (3 if args.quick else 5)
     schedule = args.precision_schedule or (["float32"] if args.quick else ["half", "float32"])
     # "maybe" is in the tiny model's vocabulary; real models get the protocol's "Maybe".
     targets = args.vqa_targets if args.vqa_targets is not None else ([] if args.quick else ["maybe" if args.model == "tiny" else "Maybe"])
     max_new_tokens = 8
+    batch_size = args.batch_size or samples_n * (1 + len(targets))  # every (sample, pass) row at once
 
     if args.model == "tiny":
         model, samples, pixels, description = tiny_setup(samples_n, max_new_tokens, args.seed)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from adpo.attacks import apgd, apgd_checkpoints, pgd
@@ -82,6 +83,18 @@ def test_early_stop_removes_broken_samples_from_the_batch():
     assert objective.calls.tolist() == [1, 4, 10]
 
 
+def test_apgd_groups_stop_every_row_of_a_broken_image_together():
+    budget = torch.tensor([2, 100, 100, 5])  # rows 0, 1 attack one image, rows 2, 3 another
+    grouped = apgd(CountdownObjective(budget), torch.rand(4, 3, 4, 4), ThreatModel(eps=0.1), steps=10,
+                   groups=torch.tensor([7, 7, 9, 9]))
+    assert grouped.success.tolist() == [True, False, False, True]
+    assert grouped.steps_run.tolist() == [2, 2, 5, 5]  # the partner row stops when its image breaks
+    alone = apgd(CountdownObjective(budget), torch.rand(4, 3, 4, 4), ThreatModel(eps=0.1), steps=10)
+    assert alone.steps_run.tolist() == [2, 10, 10, 5]
+    with pytest.raises(ValueError, match="one id per image"):
+        apgd(CountdownObjective(budget), torch.rand(4, 3, 4, 4), ThreatModel(eps=0.1), steps=1, groups=torch.zeros(3))
+
+
 def _greedy_continuation(view, x, question, new_tokens=3):
     """Prompt ids followed by the model's own greedy tokens, with labels on those tokens."""
     encoded = view.encode([question] * x.shape[0])
@@ -106,6 +119,12 @@ def test_language_model_objective_untargeted_and_targeted():
     # ...and targeted success (pull these tokens in) is already True.
     targeted = LanguageModelLoss(view, input_ids, attention_mask, labels, targeted=True)
     assert bool(targeted.evaluate(x).success.all())
+    # Per-row flags: untargeted and targeted rows side by side equal the two objectives row by row.
+    mixed = LanguageModelLoss(view, input_ids, attention_mask, labels, targeted=torch.tensor([False, True]))
+    together, apart = mixed.evaluate(x), [objective.evaluate(x), targeted.evaluate(x)]
+    torch.testing.assert_close(together.values, torch.stack([apart[0].values[0], apart[1].values[1]]))
+    assert together.success.tolist() == [bool(apart[0].success[0]), bool(apart[1].success[1])]
+    assert mixed.subset(torch.tensor([1])).targeted.tolist() == [True]
     result = apgd(objective, x, ThreatModel(eps=16 / 255), steps=10, generator=torch.Generator().manual_seed(0))
     assert (result.values >= objective(x).detach() - 1e-6).all()
     # Success must mean what it says: greedy decoding on the adversarial image leaves the reference tokens.
@@ -122,6 +141,14 @@ def test_zero_shot_objective_success_means_misclassified():
         predicted = (torch.nn.functional.normalize(tower.pooled(x), dim=-1) @ torch.nn.functional.normalize(classes, dim=-1).T).argmax(1)
     objective = ZeroShotCrossEntropy(tower.pooled, classes, predicted, modules=[model])
     assert not bool(objective.evaluate(x).success.any())
+    # A target label of -1 leaves that row untargeted; the others pull toward their class.
+    targets = (predicted + 1) % 5
+    targets[0] = -1
+    mixed = ZeroShotCrossEntropy(tower.pooled, classes, predicted, target_labels=targets, modules=[model]).evaluate(x)
+    toward = ZeroShotCrossEntropy(tower.pooled, classes, predicted, target_labels=(predicted + 1) % 5).evaluate(x)
+    plain = objective.evaluate(x)
+    torch.testing.assert_close(mixed.values, torch.cat([plain.values[:1], toward.values[1:]]))
+    assert mixed.success.tolist() == plain.success[:1].tolist() + toward.success[1:].tolist()
     result = apgd(objective, x, ThreatModel(eps=32 / 255), steps=20)
     assert bool(result.success.any())
     with torch.no_grad():

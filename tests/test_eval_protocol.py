@@ -276,3 +276,12 @@ def test_half_precision_is_fp32_on_cpu_and_bf16_only_when_asked():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with protocol.precision_context("bfloat16", cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_side_by_side_passes_pack_whole_samples_and_split_only_oversized_ones():
+    rows = [(0, "a"), (0, "t"), (1, "a"), (1, "t"), (2, "a"), (2, "t")]
+    assert protocol._pack_by_sample(rows, 4) == [rows[:4], rows[4:]]
+    assert protocol._pack_by_sample(rows, 3) == [rows[:2], rows[2:4], rows[4:]]  # never a sample across chunks
+    # Batch size 1 is the per-sample loop: each pass alone, in order (a broken sample skips the rest).
+    assert protocol._pack_by_sample(rows, 1) == [[row] for row in rows]
+    assert protocol._pack_by_sample([(0, "a"), (0, "t"), (0, "u"), (1, "a")], 2) == [[(0, "a"), (0, "t")], [(0, "u"), (1, "a")]]

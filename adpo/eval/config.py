@@ -57,7 +57,8 @@ class EvalConfig:
     step_check_steps: int = field(default=10, metadata={"help": "Re-run the largest epsilon with this many steps to check that more steps never help the model (0 = skip)."})
 
     # -- execution and output
-    batch_size: int = field(default=16, metadata={"help": "Samples attacked together (per-sample early stop inside)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows attacked together: one per sample and early-stopping pass, "
+                                                          "a sample's passes side by side (per-sample early stop inside)."})
     seed: int = 0
     num_examples: int = field(default=4, metadata={"help": "Example panels (clean vs adversarial) in the report."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Where report.json, report.md and the plots go."})

@@ -4,7 +4,8 @@ For every epsilon, each sample starts from its clean output. The attack then run
 precision schedule, by default half precision then fp32); each stage runs every *attack pass* of the
 task (one untargeted pass per reference answer or caption, plus the task's targeted passes) on the
 samples that are not yet broken, in batches, with per-sample early stopping inside APGD wherever the
-objective's success implies the sample is broken. After each pass the adversarial images are decoded
+objective's success implies the sample is broken; such early-stopping passes run side by side (one batch
+row per sample and pass, a sample's rows leaving together once one breaks it). After each pass the adversarial images are decoded
 (greedy generation, or the zero-shot classifier) and scored; per sample the worst output so far is kept
 and samples that are broken leave the protocol. Later stages warm-start from the worst perturbation
 found so far. The reported robust score of a sample is the worst over its clean image (which lies in
@@ -14,6 +15,7 @@ the threat set) and every attack output.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -239,7 +241,8 @@ class GenerativeModel:
         from adpo.objectives import LanguageModelLoss
 
         encoded = self.view.encode([s.prompt for s in samples], [p.text for p in passes]).to(self.device)
-        return LanguageModelLoss(self.view, encoded.input_ids, encoded.attention_mask, encoded.labels, targeted=passes[0].targeted)
+        targeted = torch.tensor([p.targeted for p in passes])
+        return LanguageModelLoss(self.view, encoded.input_ids, encoded.attention_mask, encoded.labels, targeted=targeted)
 
 
 class ZeroShotModel:
@@ -270,9 +273,9 @@ class ZeroShotModel:
 
     def objective(self, samples: Sequence[Sample], passes: Sequence[AttackPass]):
         labels = torch.tensor([s.label for s in samples])
-        if passes[0].targeted:
-            return self._objective(labels, torch.tensor([p.target_label for p in passes]))
-        return self._objective(labels)
+        if not any(p.targeted for p in passes):
+            return self._objective(labels)
+        return self._objective(labels, torch.tensor([p.target_label if p.targeted else -1 for p in passes]))
 
 
 # -- the attack loop ------------------------------------------------------------------------------------
@@ -316,44 +319,94 @@ def attack_ensemble(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> AttackRun:
-    """Run every attack pass of ``task`` in every precision stage on the samples that are not yet broken."""
+    """Run every attack pass of ``task`` in every precision stage on the samples that are not yet broken.
+
+    Passes whose success does not imply a broken sample (captions; one of several VQA answers) run one after
+    another, each decoded and scored before the next. The others (early-stopping passes) run side by side:
+    one row per (sample, pass), a sample's rows in one batch where ``batch_size`` rows allow, and a sample's
+    rows stop together once one of them breaks it. Each unbroken sample still gets every pass's full steps;
+    the batch just no longer waits for one pass to finish before the next starts.
+    """
     start = time.perf_counter()
     passes = [{p.key: p for p in task.passes(s)} for s in samples]
     keys = list(dict.fromkeys(key for per_sample in passes for key in per_sample))
+    one_by_one = [k for k in keys if any(k in p and not p[k].early_stop for p in passes)]
+    side_by_side = any(p.early_stop for per_sample in passes for p in per_sample.values())
     worst: list[Outcome | None] = [None] * len(samples)
     broken = [task.broken(c.scores) for c in clean]
     attacked = [False] * len(samples)
     gradient_steps = 0
     device = model.device
-    bar = tqdm(total=len(precision_schedule) * len(keys), desc=f"attack ε={threat.eps * 255:.3g}/255", disable=None if progress else True, leave=False)  # None: quiet when not a TTY
+    bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={threat.eps * 255:.3g}/255",
+               disable=None if progress else True, leave=False)  # None: quiet when not a TTY
+
+    def run(rows: list[tuple[int, str]], stage: int, precision: str, early_stop: bool) -> None:
+        nonlocal gradient_steps
+        rows = [(i, key) for i, key in rows if not broken[i]]  # an earlier chunk may have broken the sample
+        if not rows:
+            return
+        index = [i for i, _ in rows]
+        x = pixels[index].to(device)
+        init = None
+        if stage > 0:
+            # Warm start from the worst perturbation so far (a fresh random start where there is none).
+            init = threat.random_init(x, generator)
+            for row, i in enumerate(index):
+                if worst[i] is not None:
+                    init[row] = worst[i].x_adv.to(device)
+        objective = model.objective([samples[i] for i in index], [passes[i][key] for i, key in rows])
+        groups = torch.tensor(index) if early_stop else None
+        with precision_context(precision, device):
+            result = apgd(objective, x, threat, steps, init=init, early_stop=early_stop, groups=groups, generator=generator)
+        gradient_steps += int(result.steps_run.sum())
+        for i in index:
+            attacked[i] = True
+        # A row stopped because another pass broke its sample need not be decoded.
+        decode = [r for r in range(len(rows)) if not early_stop or bool(result.success[r]) or int(result.steps_run[r]) >= steps]
+        decoded_samples = [samples[index[r]] for r in decode]
+        outputs = model.predict(result.x_adv[decode], decoded_samples) if decode else []
+        for r, output, scores in zip(decode, outputs, task.score(decoded_samples, outputs)):
+            i, key = rows[r]
+            if worst[i] is None or scores[task.primary] < worst[i].scores[task.primary]:
+                worst[i] = Outcome(output, scores, result.x_adv[r].detach().cpu(), f"{key}@{precision}")
+            broken[i] = task.broken(worst[i].scores)
+
     for stage, precision in enumerate(precision_schedule):
-        for key in keys:
-            todo = [i for i in range(len(samples)) if key in passes[i] and not broken[i]]
-            # Batches must agree on early stopping (e.g. single- and multi-answer VQA samples share "answer#0").
-            chunks = [c for flag in (False, True) for c in _batches([i for i in todo if passes[i][key].early_stop == flag], batch_size)]
-            for chunk in chunks:
-                x = pixels[chunk].to(device)
-                init = None
-                if stage > 0:
-                    # Warm start from the worst perturbation so far (a fresh random start where there is none).
-                    init = threat.random_init(x, generator)
-                    for row, i in enumerate(chunk):
-                        if worst[i] is not None:
-                            init[row] = worst[i].x_adv.to(device)
-                chunk_samples = [samples[i] for i in chunk]
-                objective = model.objective(chunk_samples, [passes[i][key] for i in chunk])
-                with precision_context(precision, device):
-                    result = apgd(objective, x, threat, steps, init=init, early_stop=passes[chunk[0]][key].early_stop, generator=generator)
-                gradient_steps += int(result.steps_run.sum())
-                outputs = model.predict(result.x_adv, chunk_samples)
-                for row, (i, output, scores) in enumerate(zip(chunk, outputs, task.score(chunk_samples, outputs))):
-                    attacked[i] = True
-                    if worst[i] is None or scores[task.primary] < worst[i].scores[task.primary]:
-                        worst[i] = Outcome(output, scores, result.x_adv[row].detach().cpu(), f"{key}@{precision}")
-                    broken[i] = task.broken(worst[i].scores)
+        for key in one_by_one:
+            todo = [(i, key) for i in range(len(samples)) if key in passes[i] and not passes[i][key].early_stop and not broken[i]]
+            for chunk in _batches(todo, batch_size):
+                run(chunk, stage, precision, early_stop=False)
+            bar.update(1)
+        if side_by_side:
+            todo = [(i, key) for i in range(len(samples)) if not broken[i] for key in keys if key in passes[i] and passes[i][key].early_stop]
+            for chunk in _pack_by_sample(todo, batch_size):
+                run(chunk, stage, precision, early_stop=True)
             bar.update(1)
     bar.close()
     return AttackRun(worst, gradient_steps, sum(attacked), time.perf_counter() - start)
+
+
+def _pack_by_sample(rows: Sequence[tuple[int, str]], size: int) -> list[list[tuple[int, str]]]:
+    """Chunks of at most ``size`` (sample, pass) rows, keeping a sample's rows together where they fit; a sample
+    with more rows than ``size`` gets consecutive chunks of its own, which run in turn (batch size 1: one pass
+    after another, the per-sample loop of the reference code)."""
+    chunks: list[list[tuple[int, str]]] = []
+    current: list[tuple[int, str]] = []
+    for _, group in itertools.groupby(rows, key=lambda row: row[0]):
+        mine = list(group)
+        if current and len(current) + len(mine) > size:
+            chunks.append(current)
+            current = []
+        while len(mine) > size:
+            chunks.append(mine[:size])
+            mine = mine[size:]
+        current += mine
+        if len(current) == size:
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def robust_outcomes(task: Task, clean: Sequence[Outcome], run: AttackRun) -> list[Outcome]:
@@ -410,8 +463,9 @@ def protocol_summary(config: EvalConfig, task: Task, eps: Sequence[tuple[float, 
             f"- Clean pass: greedy decoding, max {config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task]} new tokens."
             if config.task != "zeroshot" else "- Clean pass: zero-shot prediction of every sample.",
             f"- {task.describe()}",
-            f"- Attack: APGD (Croce & Hein 2020), {config.steps} steps per pass, batched ({config.batch_size} samples) "
-            "with per-sample early stop where success implies a broken sample.",
+            f"- Attack: APGD (Croce & Hein 2020), {config.steps} steps per pass, batched ({config.batch_size} rows "
+            "of sample × pass) with per-sample early stop where success implies a broken sample; such passes run side "
+            "by side, a sample's rows leaving the batch together once one of them breaks it.",
             f"- Precision schedule: {schedule}; every stage runs all passes on the samples not yet broken; each "
             "stage after the first warm-starts from the worst perturbation found so far (\"half\" = fp16 autocast "
             "on GPU, float32 on CPU).",
