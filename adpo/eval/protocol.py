@@ -5,10 +5,10 @@ precision schedule, by default half precision then fp32); each stage runs every 
 task (one untargeted pass per reference answer or caption, plus the task's targeted passes) on the
 samples that are not yet broken, in batches, with per-sample early stopping inside APGD wherever the
 objective's success implies the sample is broken; such early-stopping passes run side by side (one batch
-row per sample and pass, a sample's rows leaving together once one breaks it). After each pass the adversarial images are decoded
-(greedy generation, or the zero-shot classifier) and scored; per sample the worst output so far is kept
-and samples that are broken leave the protocol. Later stages warm-start from the worst perturbation
-found so far. The reported robust score of a sample is the worst over its clean image (which lies in
+row per sample and pass, a sample's rows leaving together once one breaks it). After each pass the
+adversarial images are decoded (greedy generation, or the zero-shot classifier) and scored; per sample
+the worst output so far is kept and samples that are broken leave the protocol. Later stages warm-start
+from the worst perturbation found so far. The reported robust score of a sample is the worst over its clean image (which lies in
 the threat set) and every attack output.
 """
 

@@ -2,7 +2,7 @@
 
 Projector training (LLaVA stage 1, on the world's data): the vision tower is frozen; the 2-layer GELU projector
 learns, and so does a LoRA adapter on the LM (merged into the LM at assembly; ``lm_lora_rank=0`` keeps the LM
-frozen). Back-propagating through a frozen 135M/270M LM costs over a second per
+frozen). Back-propagating through a 135M/270M LM costs over a second per
 sequence on a shared 2-core CPU, so training has two phases:
 
 1. alignment (no LM pass, seconds): the projector regresses the LM's own input embeddings of a short
