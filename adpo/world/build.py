@@ -277,16 +277,14 @@ def add_lm_lora(model, config: ProjectorTrainingConfig, state: dict[str, torch.T
 
     Returns the adapter parameters. Dropout is 0 so that a continued run sees the same function it saved.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     language_model = model.model.language_model
     lora = LoraConfig(r=config.lm_lora_rank, lora_alpha=config.lm_lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.lm_lora_targets))
     inject_adapter_in_model(lora, language_model)
     if state is not None:
-        named = {key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): value.float()
-                 for key, value in state.items()}
-        missing, unexpected = language_model.load_state_dict(named, strict=False)
+        missing, unexpected = set_peft_model_state_dict(language_model, state)
         if unexpected or any("lora_" in key for key in missing):
             raise ValueError(f"the saved LM adapter does not fit this LM: unexpected {unexpected[:3]}, "
                              f"missing {[k for k in missing if 'lora_' in k][:3]}")
