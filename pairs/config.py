@@ -183,6 +183,7 @@ class PairsConfig:
         fields = {k: v for k, v in asdict(self).items() if k not in NON_CONTENT_FIELDS}
         return fields | {"model_weights": model_identity(self.model_name_or_path)}
 
-    def fingerprint_hash(self) -> str:
-        blob = json.dumps(self.content_fingerprint(), sort_keys=True, default=str)
+    def fingerprint_hash(self, content: dict | None = None) -> str:
+        """Short hash of ``content`` (default: :meth:`content_fingerprint`, pass it when already computed)."""
+        blob = json.dumps(self.content_fingerprint() if content is None else content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -243,14 +243,15 @@ def run(config: PairsConfig) -> dict:
     source = open_image_source(config)
     shards = plan_shards(source.source_ids, prompts, config.prompts_per_image, config.seed, config.images_per_shard)
     items_planned = sum(len(s.items) for s in shards)
+    content = config.content_fingerprint()
     manifest = {
-        "fingerprint": config.fingerprint_hash(),
+        "fingerprint": config.fingerprint_hash(content),
         "plan_digest": plan_digest(source.source_ids),
         "eps": eps,
         "num_images": len(source.source_ids),
         "num_shards": len(shards),
         "num_items": items_planned,
-        "config": config.content_fingerprint(),
+        "config": content,
     }
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
