@@ -3,7 +3,8 @@
 Both sides run the same protocol (`adpo.eval.protocol.run_protocol`: clean pass, APGD passes, generation,
 scoring) with the same attack strength (steps, epsilon, passes, precision schedule, per-sample early stop) on
 the same samples; only the batch size differs: the batched side holds every sample with all its attack passes
-(answer + targets side by side) in one batch, the other side attacks one (sample, pass) row at a time. Runs are interleaved (A B, B A, ...) and the medians compared.
+(answer + targets side by side) in one batch, the other side attacks one (sample, pass) row at a time. Runs
+are interleaved (A B, B A, ...) and the medians compared.
 
     python benchmarks/eval_throughput.py --quick            # tiny random LLaVA, < 2 min on 2 CPU cores
     python benchmarks/eval_throughput.py --model world:small

@@ -8,8 +8,8 @@ objective's success implies the sample is broken; such early-stopping passes run
 row per sample and pass, a sample's rows leaving together once one breaks it). After each pass the
 adversarial images are decoded (greedy generation, or the zero-shot classifier) and scored; per sample
 the worst output so far is kept and samples that are broken leave the protocol. Later stages warm-start
-from the worst perturbation found so far. The reported robust score of a sample is the worst over its clean image (which lies in
-the threat set) and every attack output.
+from the worst perturbation found so far. The reported robust score of a sample is the worst over its
+clean image (which lies in the threat set) and every attack output.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--robust-images", type=int, default=100, help="first N of those attacked per eps (0: clean only)")
     evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"], help="l-inf radii of the robust VQA")
     evaluate.add_argument("--steps", type=int, default=50, help="APGD steps")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="samples attacked together")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="rows attacked together (one per sample: no targeted VQA pass here)")
     evaluate.add_argument("--no-captions", action="store_true", help="skip caption CIDEr")
     evaluate.add_argument("--no-zeroshot", action="store_true", help="skip WorldCLIP zero-shot accuracy")
     evaluate.add_argument("--out", default="runs/world_eval.json", help="where the JSON results go")
