@@ -56,6 +56,33 @@ def test_cache_root_follows_adpo_cache(monkeypatch, tmp_path):
         world_lm.lm_cache_dir("llama")
 
 
+def test_prune_removes_only_caches_the_checkout_no_longer_loads(monkeypatch, tmp_path, capsys):
+    from adpo.world import cli as world_cli
+
+    monkeypatch.setenv("ADPO_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights"
+    (weights / "clip").mkdir(parents=True)
+    (weights / "clip" / "model.safetensors").write_bytes(b"tower")
+    world_lvlm.write_manifest(weights)
+    current = [world_lvlm.assembled_cache_dir(size, weights) for size in world_lvlm.SIZES]
+    current += [world_lm.lm_cache_dir(name) for name in world_lm.WORLD_LMS]
+    stale = [world_lm.cache_root() / "lvlm" / "small-0123456789abcdef", world_lm.cache_root() / "lm" / "smollm2-v0"]
+    for folder in current + stale:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    assert world_lvlm.stale_world_caches(weights) == stale
+
+    assert world_cli._prune(dry_run=True, weights_dir=weights) == 0
+    assert all(folder.is_dir() for folder in stale)
+    assert world_cli._prune(dry_run=False, weights_dir=weights) == 0
+    assert not any(folder.exists() for folder in stale)
+    assert all((folder / "config.json").is_file() for folder in current)
+    assert "freed" in capsys.readouterr().out
+
+    (weights / "manifest.json").unlink()  # without a manifest no assembled LVLM can be called stale
+    assert world_lvlm.stale_world_caches(weights) == []
+
+
 # ------------------------------------------------------------------------------------------------ tiny assembly
 
 

@@ -1,6 +1,7 @@
-"""``adpo world``: build | info | eval for the bundled world.
+"""``adpo world``: build | info | prune | eval for the bundled world.
 
     adpo world info                          # LM packages, caches, shipped weights and their hashes
+    adpo world prune [--dry-run]             # delete caches left by earlier shipped weights
     adpo world build [--stages clip small large] [--out DIR] [--steps N]
     adpo world eval [--sizes small large] [--clean-images 500] [--robust-images 100] [--eps 2 4 8]
                     [--steps 50] [--out runs/world_eval.json] [--update-config]
@@ -28,7 +29,10 @@ BREAK_THRESHOLD = 0.10  # robust VQA accuracy at or below which the world counts
 
 def _info() -> int:
     from adpo.world.lm import WORLD_LMS, cache_root, lm_cache_dir, lm_installed
-    from adpo.world.lvlm import MANIFEST_PATH, SIZES, WEIGHTS_DIR, assembled_cache_dir, read_manifest, verify_manifest
+    from adpo.world.lvlm import (
+        MANIFEST_PATH, SIZES, WEIGHTS_DIR, assembled_cache_dir, folder_bytes, read_manifest, stale_world_caches,
+        verify_manifest,
+    )
 
     print(f"cache root: {cache_root()}")
     for name, lm in WORLD_LMS.items():
@@ -49,7 +53,33 @@ def _info() -> int:
             print(f"LVLM {size}: assembled cache {folder} ({'present' if (folder / 'config.json').is_file() else 'built on first load'})")
         except FileNotFoundError as error:
             print(f"LVLM {size}: {error}")
+    stale = stale_world_caches()
+    if stale:
+        total = sum(folder_bytes(folder) for folder in stale)
+        print(f"stale caches (no longer loaded by this checkout), {total / 1e9:.2f} GB; `adpo world prune` removes them:")
+        for folder in stale:
+            print(f"  {folder}")
     return 0 if all(v == "ok" for v in status.values()) else 1
+
+
+def _prune(dry_run: bool, weights_dir: Path | None = None) -> int:
+    import shutil
+
+    from adpo.world.lvlm import WEIGHTS_DIR, folder_bytes, stale_world_caches
+
+    stale = stale_world_caches(weights_dir or WEIGHTS_DIR)
+    if not stale:
+        print("no stale world caches")
+        return 0
+    total = 0
+    for folder in stale:
+        size = folder_bytes(folder)
+        total += size
+        if not dry_run:
+            shutil.rmtree(folder)
+        print(f"{'would remove' if dry_run else 'removed'} {folder} ({size / 1e9:.2f} GB)")
+    print(f"{'would free' if dry_run else 'freed'} {total / 1e9:.2f} GB")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -199,9 +229,15 @@ def update_world_config(results: dict) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adpo world", description="The bundled offline world: build | info | eval.")
+    parser = argparse.ArgumentParser(prog="adpo world", description="The bundled offline world: build | info | prune | eval.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is installed: LM packages, caches, shipped weights (hash check)")
+    prune = sub.add_parser(
+        "prune",
+        help="delete cached LVLMs/LMs this checkout no longer loads (left by earlier shipped weights; "
+        "another checkout with other weights rebuilds its own on its next load)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     build = sub.add_parser("build", help="rebuild every shipped weight from scratch (seeded)")
     build.add_argument("--stages", nargs="+", default=["clip", "small", "large"], choices=["clip", "small", "large"],
                        help="what to rebuild: WorldCLIP and/or the projectors (these train on the WorldCLIP in --out)")
@@ -235,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = sys.stderr.isatty()
     if args.command == "info":
         return _info()
+    if args.command == "prune":
+        return _prune(args.dry_run)
     if args.command == "build":
         from adpo.world.build import WorldBuildConfig, build_world
 

@@ -281,6 +281,33 @@ def assembled_cache_dir(size: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     return cache_root() / "lvlm" / f"{size}-{assembly_key(size, weights_dir)}"
 
 
+def stale_world_caches(weights_dir: Path = WEIGHTS_DIR) -> list[Path]:
+    """Cache folders the current checkout no longer loads.
+
+    That covers assembled LVLMs keyed by earlier shipped weights, LM conversions of an earlier conversion
+    version, and staging folders an interrupted assembly left behind. Each assembled LVLM is ~0.4-0.6 GB
+    and a new key appears whenever the shipped weights change, so they pile up
+    (``adpo world prune`` removes them).
+    """
+    from adpo.world.lm import lm_cache_dir
+
+    current = {lm_cache_dir(name) for name in WORLD_LMS}
+    kinds = ["lm"]
+    if (Path(weights_dir) / "manifest.json").is_file():  # without it no assembled LVLM can be told current
+        current.update(assembled_cache_dir(size, weights_dir) for size in SIZES)
+        kinds.insert(0, "lvlm")
+    stale = []
+    for kind in kinds:
+        folder = cache_root() / kind
+        if folder.is_dir():
+            stale.extend(entry for entry in sorted(folder.iterdir()) if entry.is_dir() and entry not in current)
+    return stale
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def assemble_world_lvlm(size: str, weights_dir: Path = WEIGHTS_DIR):
     """Full world LLaVA from shipped weights + the installed LM package (slow path; see :func:`load_world_lvlm`)."""
     weights_dir = Path(weights_dir)
