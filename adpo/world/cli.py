@@ -56,7 +56,7 @@ def _info() -> int:
     stale = stale_world_caches()
     if stale:
         total = sum(folder_bytes(folder) for folder in stale)
-        print(f"stale caches (no longer loaded by this checkout), {total / 1e9:.2f} GB; `adpo world prune` removes them:")
+        print(f"stale caches (not loaded by this checkout), {total / 1e9:.2f} GB; `adpo world prune` removes them:")
         for folder in stale:
             print(f"  {folder}")
     return 0 if all(v == "ok" for v in status.values()) else 1
@@ -229,7 +229,9 @@ def update_world_config(results: dict) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adpo world", description="The bundled offline world: build | info | prune | eval.")
+    parser = argparse.ArgumentParser(
+        prog="adpo world", description="The bundled offline world: build | info | prune | eval."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is installed: LM packages, caches, shipped weights (hash check)")
     prune = sub.add_parser(
