@@ -83,7 +83,7 @@ def image_processor_of(processor: Any) -> Any:
 
 
 def to_pixels(images: Sequence[Any] | Any, processor: Any) -> torch.Tensor:
-    """Resize and crop ``images`` as ``processor`` does and return float pixels in [0, 1], ``[B, 3, H, W]``.
+    """Resize and crop ``images`` as ``processor`` does and return float pixels on the k/255 grid, ``[B, 3, H, W]``.
 
     ``processor`` is an image processor or a processor holding one (e.g. ``LlavaProcessor``).
     """
@@ -94,8 +94,10 @@ def to_pixels(images: Sequence[Any] | Any, processor: Any) -> torch.Tensor:
     rgb = [load_rgb(image) for image in images]
     image_processor = image_processor_of(processor)
     out = image_processor(images=rgb, do_normalize=False, do_rescale=True, return_tensors="pt")
-    pixels = out["pixel_values"].float()
-    return pixels.clamp_(0.0, 1.0)
+    # Snap to the 8-bit grid: PIL-backed processors already return k/255, but torchvision-backed ("fast")
+    # ones resize in float. On the grid, clean images and attacks saved as PNG round-trip exactly.
+    pixels = (out["pixel_values"].float().clamp(0.0, 1.0) * 255).round_() / 255
+    return pixels
 
 
 def to_uint8_images(pixels: torch.Tensor) -> list[Image.Image]:

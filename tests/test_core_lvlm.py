@@ -48,8 +48,26 @@ def test_preprocessing_matches_the_processor_up_to_normalisation(tiny):
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
     assert pixels.shape == (2, 3, 32, 32)
-    assert torch.allclose((pixels - mean) / std, normalised, atol=1e-5)
+    # Up to the snap to the 8-bit grid (a no-op for PIL-backed processors; torchvision-backed ones resize in float).
+    assert torch.allclose((pixels - mean) / std, normalised, atol=0.5 / 255 / min(processor.image_processor.image_std) + 1e-5)
     assert torch.equal((pixels * 255).round() / 255, pixels)  # k/255 exactly: PNG round trips are lossless
+
+
+def test_preprocessing_snaps_float_resizes_to_the_8bit_grid(tiny, monkeypatch):
+    _, processor = tiny
+    image_processor = processor.image_processor
+    original = type(image_processor).__call__
+
+    def float_resize(self, *args, **kwargs):  # what a torchvision-backed processor returns: off-grid floats
+        out = original(self, *args, **kwargs)
+        out["pixel_values"] = out["pixel_values"] + 0.3 / 255
+        return out
+
+    monkeypatch.setattr(type(image_processor), "__call__", float_resize)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pixels = to_pixels([image], processor)
+    exact = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert torch.equal(pixels, (exact * 255).round() / 255)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "I;16"])
