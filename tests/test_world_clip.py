@@ -8,6 +8,7 @@ import torch
 from adpo.world.clip import (
     WEIGHTS_DIR,
     WorldClipSize,
+    WorldClipTrainingConfig,
     build_world_clip_config,
     build_world_processor,
     clip_training_step,
@@ -17,6 +18,7 @@ from adpo.world.clip import (
     object_label_maps,
     patch_labels,
     save_world_clip,
+    train_world_clip,
     zero_shot_accuracy,
     zero_shot_classifier,
 )
@@ -186,6 +188,25 @@ def test_shipped_weights_load():
     assert zero_shot_classifier(model, processor).shape == (len(CLASS_NAMES), model.config.projection_dim)
     size_mb = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) / 2**20
     assert size_mb < 20
+
+
+def test_shipped_weights_follow_the_default_recipe():
+    """`adpo world build` trains with the default config: the shipped record must be that config (where and how
+    fast it ran aside), else a rebuild would not reproduce the shipped tower."""
+    import json
+    from dataclasses import asdict
+
+    recorded = json.loads((WEIGHTS_DIR / "training.json").read_text())["training"]
+    runtime_only = {"device", "threads", "best_val_dir"}
+    default = {k: v for k, v in asdict(WorldClipTrainingConfig()).items() if k not in runtime_only}
+    assert {k: recorded.get(k) for k in default} == default
+
+
+def test_extra_train_seeds_must_differ_from_the_data_seed(tmp_path):
+    config = WorldClipTrainingConfig(data_seed=3, extra_train_seeds=[1, 3])
+    with pytest.raises(ValueError, match="repeats data_seed 3"):
+        train_world_clip(tmp_path / "clip", config=config, progress=False)
+    assert not (tmp_path / "clip").exists()
 
 
 @pytest.mark.world

@@ -27,7 +27,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adpo.io import atomic_directory
+from adpo.world.clip import WorldClipTrainingConfig
 from adpo.world.lvlm import (
     LM_LORA_FILE,
     PROJECTOR_FILE,
@@ -507,6 +508,7 @@ class WorldBuildConfig:
     out_dir: str | None = None  # default: the package's adpo/world/weights
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     seed: int = 0
+    clip: WorldClipTrainingConfig = field(default_factory=WorldClipTrainingConfig)
     small: ProjectorTrainingConfig = field(default_factory=lambda: ProjectorTrainingConfig(size="small"))
     large: ProjectorTrainingConfig = field(default_factory=lambda: ProjectorTrainingConfig(size="large"))
 
@@ -531,7 +533,8 @@ def build_world(out_dir: str | os.PathLike | None = None, stages=STAGES, config:
         if stage == "clip":
             from adpo.world.clip import train_world_clip
 
-            _, _, record = train_world_clip(out / "clip", seed=config.seed, progress=progress)
+            clip_config = replace(config.clip, seed=config.seed)
+            _, _, record = train_world_clip(out / "clip", config=clip_config, progress=progress)
         else:
             stage_config = getattr(config, stage)
             stage_config.size = stage
