@@ -96,8 +96,7 @@ def to_pixels(images: Sequence[Any] | Any, processor: Any) -> torch.Tensor:
     out = image_processor(images=rgb, do_normalize=False, do_rescale=True, return_tensors="pt")
     # Snap to the 8-bit grid: PIL-backed processors already return k/255, but torchvision-backed ("fast")
     # ones resize in float. On the grid, clean images and attacks saved as PNG round-trip exactly.
-    pixels = (out["pixel_values"].float().clamp(0.0, 1.0) * 255).round_() / 255
-    return pixels
+    return (out["pixel_values"].float().clamp(0.0, 1.0) * 255).round_() / 255
 
 
 def to_uint8_images(pixels: torch.Tensor) -> list[Image.Image]:

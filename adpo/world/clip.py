@@ -336,7 +336,8 @@ def train_world_clip(
     progress: bool = True,
     evaluate: bool = True,
 ):
-    """Train WorldCLIP from scratch on the train split and save it (fp16) to ``out_dir`` (default: the shipped dir).
+    """Train WorldCLIP from scratch (on the train splits of ``data_seed`` and ``extra_train_seeds``) and save it (fp16)
+    to ``out_dir`` (default: the shipped dir).
 
     Returns ``(model, processor, record)``; ``record`` is what ``training.json`` holds (settings, wall time,
     test zero-shot accuracy when ``evaluate``).
