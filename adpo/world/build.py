@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adpo.io import atomic_directory
-from adpo.world.clip import WorldClipTrainingConfig
+from adpo.world.clip import WorldClipTrainingConfig, train_world_clip
 from adpo.world.lvlm import (
     LM_LORA_FILE,
     PROJECTOR_FILE,
@@ -531,8 +531,6 @@ def build_world(out_dir: str | os.PathLike | None = None, stages=STAGES, config:
             continue
         started = time.time()
         if stage == "clip":
-            from adpo.world.clip import train_world_clip
-
             clip_config = replace(config.clip, seed=config.seed)
             _, _, record = train_world_clip(out / "clip", config=clip_config, progress=progress)
         else:

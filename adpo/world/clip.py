@@ -359,12 +359,12 @@ def train_world_clip(
             "name only other seeds (their train splits are added to data_seed's)"
         )
     processor = build_world_processor()
-    dataset = load_world_dataset("train", n=config.n_train, seed=config.data_seed, progress=progress)
-    if config.extra_train_seeds:
-        from datasets import concatenate_datasets
+    from datasets import concatenate_datasets
 
-        extra = [load_world_dataset("train", n=config.n_train, seed=s, progress=progress) for s in config.extra_train_seeds]
-        dataset = concatenate_datasets([dataset, *extra])
+    dataset = concatenate_datasets([
+        load_world_dataset("train", n=config.n_train, seed=seed, progress=progress)
+        for seed in (config.data_seed, *config.extra_train_seeds)
+    ])
     pixels = _pixel_tensor(dataset, processor.image_processor)
     text_ids, text_mask = _text_table(dataset, processor.tokenizer)
     prompts = processor.tokenizer(
