@@ -353,17 +353,18 @@ def train_world_clip(
     generator = torch.Generator().manual_seed(config.seed)
     started = time.time()
 
-    if config.data_seed in config.extra_train_seeds:
+    train_seeds = [config.data_seed, *config.extra_train_seeds]
+    if len(set(train_seeds)) < len(train_seeds):
         raise ValueError(
-            f"extra_train_seeds {config.extra_train_seeds} repeats data_seed {config.data_seed}: "
-            "name only other seeds (their train splits are added to data_seed's)"
+            f"extra_train_seeds {config.extra_train_seeds} with data_seed {config.data_seed} name a seed twice: "
+            "name each seed once (every extra seed's train split is added to data_seed's)"
         )
     processor = build_world_processor()
     from datasets import concatenate_datasets
 
     dataset = concatenate_datasets([
         load_world_dataset("train", n=config.n_train, seed=seed, progress=progress)
-        for seed in (config.data_seed, *config.extra_train_seeds)
+        for seed in train_seeds
     ])
     pixels = _pixel_tensor(dataset, processor.image_processor)
     text_ids, text_mask = _text_table(dataset, processor.tokenizer)
