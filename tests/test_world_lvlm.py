@@ -276,3 +276,28 @@ def test_continuing_a_projector_checks_what_it_continues(tmp_path):
     assert _previous_run(tmp_path, "abc")["steps_run"] == 3
     with pytest.raises(ValueError, match="another WorldCLIP"):
         _previous_run(tmp_path, "def")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], [(400, 3e-3, 1e-3, False), (600, 1e-3, 3e-4, True)]),
+        (["--steps", "5", "--anneal-steps", "2"], [(5, 3e-3, 1e-3, False), (2, 1e-3, 3e-4, True)]),
+        (["--anneal-steps", "0"], [(400, 3e-3, 1e-3, False)]),
+        (["--continue-training", "--steps", "7"], [(7, 3e-3, 1e-3, True)]),
+    ],
+)
+def test_build_runs_phase_2_then_the_annealing_continuation(monkeypatch, tmp_path, argv, expected):
+    from adpo.world import build
+    from adpo.world.cli import main
+
+    runs = []
+
+    def fake_train_projector(config, clip_weights_dir=None, out_dir=None, progress=True):
+        runs.append((config.steps, config.learning_rate, config.lm_lora_learning_rate, config.continue_training))
+        return None, None, {"steps_run": config.steps}
+
+    monkeypatch.setattr(build, "train_projector", fake_train_projector)
+    monkeypatch.setattr(build, "write_manifest", lambda out: None)
+    assert main(["build", "--stages", "small", "--out", str(tmp_path), *argv]) == 0
+    assert runs == expected

@@ -3,14 +3,15 @@
 Projector training (LLaVA stage 1, on the world's data): the vision tower is frozen; the 2-layer GELU projector
 learns, and so does a LoRA adapter on the LM (merged into the LM at assembly; ``lm_lora_rank=0`` keeps the LM
 frozen). Back-propagating through a 135M/270M LM costs over a second per
-sequence on a shared 2-core CPU, so training has two phases:
+sequence on a shared 2-core CPU, so training has three phases:
 
 1. alignment (no LM pass, seconds): the projector regresses the LM's own input embeddings of a short
    textual description of the image ("two: big red circle left, small blue square right."), so that
    the LM first "reads" the image tokens as words;
 2. the LM loss on the answer tokens of world VQA (and a few captions), which teaches the answer format and,
    through the LoRA adapter, lets the LM read the image tokens (with the LM frozen it confused shapes in
-   single-object images whose WorldCLIP zero-shot shape accuracy is 97 %).
+   single-object images whose WorldCLIP zero-shot shape accuracy is 97 %);
+3. annealing: the same loss continued at lower learning rates, from the saved projector and adapter.
 
 To keep phase 2 affordable:
 
@@ -18,7 +19,7 @@ To keep phase 2 affordable:
 * each sequence packs several question/answer turns about one image (the 16 image tokens and the template
   are paid once per image, not per question); the first turn has exactly the evaluation prompt format;
 * the LM head runs only at positions that predict an answer token (Gemma's vocabulary is 262k);
-* bf16 autocast on CPU (weights stay fp32).
+* bf16 autocast is available (``bf16``) but off: on this CPU it was no faster than fp32.
 """
 
 from __future__ import annotations
@@ -85,9 +86,20 @@ class ProjectorTrainingConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     # Continue phase 2 from the projector already in the output folder (its record must name the same
-    # WorldCLIP); skips phase 1. The learning rate is constant after warm-up, so continuing by N steps is
-    # a longer run, not a restart; the record keeps the earlier runs' step counts and losses.
+    # WorldCLIP); skips phase 1. The learning rate is constant after warm-up, so continuing by N steps at the
+    # same rates is a longer run, not a restart; the record keeps every run's steps, rates and losses.
     continue_training: bool = False
+    # Phase 3, run by `adpo world build` after phase 2: a continuation at lower learning rates (0: none). After
+    # 400 steps the loss was still falling (small) or noisy around a level (large); lower rates settle it.
+    anneal_steps: int = 600
+    anneal_learning_rate: float = 1e-3
+    anneal_lm_lora_learning_rate: float = 3e-4
+
+    def annealing(self) -> "ProjectorTrainingConfig":
+        """Phase 3 as a continuation: the saved projector and adapter, fresh optimiser state, the lower rates."""
+        return replace(self, steps=self.anneal_steps, learning_rate=self.anneal_learning_rate,
+                       lm_lora_learning_rate=self.anneal_lm_lora_learning_rate, continue_training=True,
+                       anneal_steps=0)
 
 
 def caption_prompt() -> str:
@@ -445,9 +457,10 @@ def train_projector(
         keep = ("projector_init_scale", "align_first_loss", "align_final_loss", "align_wall_seconds")
         record |= {key: previous.get(key) for key in keep}
         earlier = previous.get("runs") or [
-            {key: previous.get(key) for key in ("steps_run", "wall_seconds", "loss_by_step", "val_vqa")}
+            _run_summary(previous["training"], previous["steps_run"], previous["wall_seconds"])
+            | {"val_vqa": previous.get("val_vqa")}
         ]
-        record["runs"] = earlier + [{"steps_run": len(losses), "wall_seconds": round(train_seconds, 1)}]
+        record["runs"] = earlier + [_run_summary(asdict(config), len(losses), round(train_seconds, 1))]
     all_losses = ([] if previous is None else previous["loss_by_step"]) + [round(v, 4) for v in losses]
     record |= {
         "steps_run": len(all_losses),
@@ -463,6 +476,12 @@ def train_projector(
         record["val_vqa"] = vqa_exact_match(model, processor, val, config.val_questions, progress=progress)
     save_projector(model, save_dir, record, lm_lora, _lora_settings(config))
     return model, processor, record
+
+
+def _run_summary(training: dict, steps_run: int, wall_seconds: float) -> dict:
+    """One phase-2 run of a continued projector: a continuation may change the learning rates."""
+    keys = ("learning_rate", "lm_lora_learning_rate", "batch_size")
+    return {"steps_run": steps_run, "wall_seconds": wall_seconds} | {key: training.get(key) for key in keys}
 
 
 def _previous_run(save_dir: Path, clip_sha256: str | None) -> dict:
@@ -534,9 +553,11 @@ def build_world(out_dir: str | os.PathLike | None = None, stages=STAGES, config:
             clip_config = replace(config.clip, seed=config.seed)
             _, _, record = train_world_clip(out / "clip", config=clip_config, progress=progress)
         else:
-            stage_config = getattr(config, stage)
-            stage_config.size = stage
+            stage_config = replace(getattr(config, stage), size=stage)
             _, _, record = train_projector(stage_config, clip_weights_dir=out / "clip", out_dir=out, progress=progress)
+            if stage_config.anneal_steps and not stage_config.continue_training:
+                _, _, record = train_projector(stage_config.annealing(), clip_weights_dir=out / "clip", out_dir=out,
+                                               progress=progress)
         results[stage] = record
         results["wall_seconds"][stage] = round(time.time() - started, 1)
     write_manifest(out)

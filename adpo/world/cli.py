@@ -250,8 +250,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--lm-lora-rank", type=int, default=None,
                        help="projectors: rank of the LoRA adapter trained on the LM beside them "
                             "(default: as shipped, 16; 0 keeps the LM frozen)")
+    build.add_argument("--anneal-steps", type=int, default=None,
+                       help="projectors: steps of the lower-learning-rate run after --steps (default: as shipped, "
+                            "600; 0: none)")
     build.add_argument("--continue-training", action="store_true",
-                       help="projectors: continue from the ones in --out for --steps more steps (no re-alignment)")
+                       help="projectors: continue from the ones in --out for --steps more steps at the phase-2 "
+                            "learning rates (no re-alignment, no annealing run)")
     build.add_argument("--seed", type=int, default=0, help="seed of every stage (the shipped weights use 0)")
     build.add_argument("--device", default="cpu",
                        help="where WorldCLIP trains: cpu (about 1.5 h on 2 cores) or cuda (the shipped weights: "
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage_config.steps = args.steps
             if args.train_images is not None:
                 stage_config.train_images = args.train_images
+            if args.anneal_steps is not None:
+                stage_config.anneal_steps = args.anneal_steps
             if args.lm_lora_rank is not None:
                 stage_config.lm_lora_rank = args.lm_lora_rank
             stage_config.continue_training = args.continue_training
