@@ -479,7 +479,7 @@ def train_projector(
 
 
 def _run_summary(training: dict, steps_run: int, wall_seconds: float) -> dict:
-    """One phase-2 run of a continued projector: a continuation may change the learning rates."""
+    """One run of a continued projector (steps, wall time, rates): each continuation may change the rates."""
     keys = ("learning_rate", "lm_lora_learning_rate", "batch_size")
     return {"steps_run": steps_run, "wall_seconds": wall_seconds} | {key: training.get(key) for key in keys}
 
