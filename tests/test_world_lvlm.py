@@ -212,6 +212,67 @@ def test_working_eps_is_the_smallest_eps_breaking_every_model():
     assert working_eps(results, ["small", "large"], ["2/255", "4/255", "8/255"])["eps_255"] == 8
 
 
+def _eval_piece(size, clean, robust=None, start=0, steps=50):
+    """A result as `adpo world eval` writes it; ``robust`` maps eps label -> (correct, attacked questions)."""
+    entry = {"vqa_clean": {"exact_match": clean[0] / clean[1], "num_samples": clean[1]}, "seconds": 10.0}
+    piece = {"test_split": "world:test", "seconds": 10.0, size: entry, "protocol": {
+        "clean_images": clean[1], "robust_images": 0, "eps": ["2/255", "8/255"], "apgd_steps": steps, "attack": "apgd"}}
+    if robust:
+        n = next(iter(robust.values()))[1]
+        entry["vqa_robust"] = {label: {"exact_match": k / n, "num_samples": n, "num_attacked": n, "gradient_steps": 5 * n,
+                                       "seconds": 1.5} for label, (k, n) in robust.items()}
+        entry["vqa_clean_on_robust_subset"] = {"exact_match": 1.0}
+        entry["robust_range"] = [start, start + n]
+        piece["protocol"]["robust_images"] = n
+    return piece
+
+
+def test_merging_robust_pieces_weights_them_by_question_count():
+    from adpo.world.cli import merge_world_evals
+
+    pieces = [
+        _eval_piece("small", (450, 500)),
+        _eval_piece("small", (90, 100), {"2/255": (30, 48), "8/255": (6, 48)}, start=0),
+        _eval_piece("small", (90, 100), {"2/255": (12, 52), "8/255": (4, 52)}, start=48),
+        _eval_piece("large", (95, 100), {"2/255": (1, 100), "8/255": (0, 100)}, start=0),
+    ]
+    merged = merge_world_evals(pieces)
+    small = merged["small"]
+    assert small["vqa_robust"]["2/255"]["exact_match"] == pytest.approx(42 / 100)
+    assert small["vqa_robust"]["8/255"]["exact_match"] == pytest.approx(10 / 100)
+    assert small["vqa_robust"]["8/255"]["num_samples"] == 100
+    assert small["vqa_robust"]["8/255"]["gradient_steps"] == 500
+    assert small["vqa_robust"]["8/255"]["seconds"] == 3.0
+    assert small["robust_ranges"] == [[0, 48], [48, 100]]
+    assert small["vqa_clean"] == {"exact_match": 0.9, "num_samples": 500}  # the piece with the most clean images
+    assert merged["protocol"]["robust_images"] == 100 and merged["protocol"]["clean_images"] == 500
+    assert merged["working_eps"]["label"] == "8/255"  # small 10 % and large 0 % at 8/255; small 42 % at 2/255
+
+
+def test_merging_refuses_overlapping_or_mismatched_pieces():
+    from adpo.world.cli import merge_world_evals
+
+    first = _eval_piece("small", (90, 100), {"8/255": (4, 48)}, start=0)
+    legacy = _eval_piece("small", (90, 100), {"8/255": (4, 48)})
+    del legacy["small"]["robust_range"]  # written before ranges existed: it attacked the first 48
+    with pytest.raises(ValueError, match="overlap"):
+        merge_world_evals([first, _eval_piece("small", (90, 100), {"8/255": (4, 40)}, start=40)])
+    with pytest.raises(ValueError, match="overlap"):
+        merge_world_evals([legacy, first])
+    with pytest.raises(ValueError, match="apgd_steps"):
+        merge_world_evals([first, _eval_piece("small", (90, 100), {"8/255": (4, 40)}, start=48, steps=10)])
+    assert merge_world_evals([legacy, _eval_piece("small", (90, 100), {"8/255": (0, 2)}, start=48)])["small"]["robust_ranges"] == [[0, 48], [48, 50]]
+
+
+def test_world_eval_refuses_a_robust_slice_outside_the_clean_images(capsys):
+    from adpo.world.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--clean-images", "100", "--robust-images", "50", "--robust-offset", "60"])
+    assert exit_info.value.code == 2
+    assert "--clean-images to at least 110" in capsys.readouterr().err
+
+
 def test_world_config_has_the_working_eps():
     from adpo.world import world_config
 

@@ -3,14 +3,20 @@
     adpo world info                          # LM packages, caches, shipped weights and their hashes
     adpo world prune [--dry-run]             # delete caches left by earlier shipped weights
     adpo world build [--stages clip small large] [--out DIR] [--steps N] [--device cuda]
-    adpo world eval [--sizes small large] [--clean-images 500] [--robust-images 100] [--eps 2 4 8]
-                    [--steps 50] [--out runs/world_eval.json] [--update-config]
+    adpo world eval [--sizes small large] [--clean-images 500] [--robust-images 100] [--robust-offset 0]
+                    [--eps 2 4 8] [--steps 50] [--out runs/world_eval.json] [--update-config]
+    adpo world merge PIECE.json [PIECE.json ...] --out runs/world_eval.json [--update-config]
 
 ``eval`` uses the evaluation protocol of :mod:`adpo.eval` (the same sampling, generation, metrics and APGD
 as ``adpo eval``): WorldCLIP zero-shot accuracy, then per LVLM clean VQA exact match and caption CIDEr, and
 VQA exact match under untargeted APGD on the LM loss at each epsilon. With ``--update-config`` the measured
 metrics and the working epsilon (the smallest epsilon at which every evaluated LVLM's robust VQA accuracy is
 <= 10 %) go into ``adpo/world/world.yaml``.
+
+The robust part is the slow one on a CPU (seconds per question and radius), so it can be run in pieces:
+``--robust-offset K --robust-images N`` attacks test questions K .. K+N-1, and ``merge`` combines pieces with
+disjoint ranges into one result (robust figures weighted by their question counts; the clean figures of the
+piece with the most clean images).
 """
 
 from __future__ import annotations
@@ -105,10 +111,21 @@ def _clean_metrics(config, model, samples, pixels, batch_size: int) -> dict:
     return {**aggregated, "num_samples": len(samples), "examples": [[s.prompt, o] for s, o in list(zip(samples, outputs))[:5]]}
 
 
+def check_robust_slice(clean_images: int, robust_images: int, robust_offset: int) -> None:
+    """The attacked questions are a slice of the clean ones; refuse a slice that does not fit."""
+    if robust_images and not 0 <= robust_offset <= clean_images - robust_images:
+        raise ValueError(
+            f"robust questions {robust_offset}..{robust_offset + robust_images - 1} are not inside the "
+            f"{clean_images} clean test images; raise --clean-images to at least {robust_offset + robust_images} "
+            "(the robust questions are a slice of the clean ones) or lower --robust-offset / --robust-images."
+        )
+
+
 def evaluate_world(
     sizes=("small", "large"),
     clean_images: int = 500,
     robust_images: int = 100,
+    robust_offset: int = 0,
     eps=("2/255", "4/255", "8/255"),
     steps: int = 50,
     batch_size: int = 16,
@@ -122,6 +139,7 @@ def evaluate_world(
     from adpo.preprocess import to_pixels
 
     eps = [str(e) for e in eps]
+    check_robust_slice(clean_images, robust_images if eps else 0, robust_offset)
     results: dict = {"test_split": "world:test", "protocol": {
         "clean_images": clean_images, "robust_images": robust_images, "eps": eps, "apgd_steps": steps,
         "attack": "untargeted APGD on the LM loss of the reference answer, fp32, per-sample early stop",
@@ -150,14 +168,17 @@ def evaluate_world(
             caption_model = GenerativeModel(model.view, caption_config.max_new_tokens)
             entry["caption_clean"] = _clean_metrics(caption_config, caption_model, caption_samples, caption_pixels, 32)
         if robust_images and eps:
-            n = min(robust_images, len(samples))
-            report = run_protocol(replace(vqa_config, num_samples=n), model, samples[:n], pixels[:n], write=False)
+            start, stop = robust_offset, min(robust_offset + robust_images, len(samples))
+            n = stop - start
+            report = run_protocol(replace(vqa_config, num_samples=n), model, samples[start:stop], pixels[start:stop],
+                                  write=False)
             entry["vqa_robust"] = {
                 row["eps_label"]: {**row["metrics"], "num_samples": n, "num_attacked": row["num_attacked"],
                                    "gradient_steps": row["gradient_steps"], "seconds": round(row["seconds"], 1)}
                 for row in report["robust"]
             }
             entry["vqa_clean_on_robust_subset"] = report["clean"]
+            entry["robust_range"] = [start, stop]
         entry["seconds"] = round(time.time() - size_started, 1)
         results[size] = entry
         del model
@@ -176,6 +197,90 @@ def working_eps(results: dict, sizes, eps) -> dict | None:
             value = parse_eps(label)
             return {"label": label, "eps": round(value, 8), "eps_255": round(value * 255)}
     return None
+
+
+# Fields of a robust figure that add up across pieces; the others are rates weighted by num_samples.
+_ADDITIVE = ("num_samples", "num_attacked", "gradient_steps", "seconds")
+_PROTOCOL_KEYS = ("eps", "apgd_steps", "attack", "questions_per_image", "vqa_metric")
+
+
+def _robust_range(entry: dict) -> tuple[int, int]:
+    """The test questions a piece attacked; results written before ranges existed attacked the first N."""
+    if "robust_range" in entry:
+        return tuple(entry["robust_range"])
+    return 0, next(iter(entry["vqa_robust"].values()))["num_samples"]
+
+
+def _weighted(figures: list[dict], weights: list[int]) -> dict:
+    total = sum(weights)
+    merged = {}
+    for key in figures[0]:
+        values = [figure[key] for figure in figures]
+        if key in _ADDITIVE:
+            merged[key] = round(sum(values), 1) if key == "seconds" else sum(values)
+        elif all(isinstance(v, (int, float)) for v in values):
+            merged[key] = sum(v * w for v, w in zip(values, weights)) / total
+    return merged
+
+
+def merge_world_evals(pieces: list[dict], names: list[str] | None = None) -> dict:
+    """Combine ``adpo world eval`` results whose robust parts attacked disjoint slices of the test questions.
+
+    Robust VQA figures are weighted by each piece's question count; clean VQA, captions and zero-shot come from
+    the piece that scored the most clean images (the clean images are the same prefix of the test split).
+    """
+    names = names or [f"piece {i}" for i in range(len(pieces))]
+    if not pieces:
+        raise ValueError("nothing to merge: give the JSON files written by `adpo world eval --out`")
+    reference = pieces[0]
+    for name, piece in zip(names, pieces):
+        if piece.get("test_split") != reference.get("test_split"):
+            raise ValueError(f"{name} scored {piece.get('test_split')}, {names[0]} {reference.get('test_split')}")
+        for key in _PROTOCOL_KEYS:
+            if piece["protocol"].get(key) != reference["protocol"].get(key):
+                raise ValueError(
+                    f"{name} used {key} = {piece['protocol'].get(key)!r}, {names[0]} {reference['protocol'].get(key)!r}; "
+                    "only pieces run with the same attack protocol can be merged"
+                )
+    merged: dict = {"test_split": reference["test_split"], "protocol": dict(reference["protocol"]), "pieces": names}
+    biggest_zeroshot = max((p for p in pieces if "zeroshot" in p), key=lambda p: p["zeroshot"]["num_samples"], default=None)
+    if biggest_zeroshot:
+        merged["zeroshot"] = biggest_zeroshot["zeroshot"]
+    sizes = [size for size in ("small", "large") if any(size in p for p in pieces)]
+    robust_total = 0
+    for size in sizes:
+        entries = [(name, p[size]) for name, p in zip(names, pieces) if size in p]
+        entry: dict = {}
+        for key in ("vqa_clean", "caption_clean"):
+            scored = [e[key] for _, e in entries if key in e]
+            if scored:
+                entry[key] = max(scored, key=lambda figure: figure["num_samples"])
+        robust = sorted(((_robust_range(e), name, e) for name, e in entries if "vqa_robust" in e), key=lambda t: t[0])
+        for (previous, previous_name, _), (current, name, _) in zip(robust, robust[1:]):
+            if current[0] < previous[1]:
+                raise ValueError(
+                    f"{size}: {name} attacked questions {current[0]}..{current[1] - 1}, which overlap "
+                    f"{previous_name}'s {previous[0]}..{previous[1] - 1}; merge pieces with disjoint --robust-offset ranges"
+                )
+        if robust:
+            labels = set(robust[0][2]["vqa_robust"])
+            for _, name, e in robust:
+                if set(e["vqa_robust"]) != labels:
+                    raise ValueError(f"{size}: {name} attacked at {sorted(e['vqa_robust'])}, others at {sorted(labels)}")
+            weights = [stop - start for (start, stop), _, _ in robust]
+            entry["vqa_robust"] = {
+                label: _weighted([e["vqa_robust"][label] for _, _, e in robust], weights) for label in robust[0][2]["vqa_robust"]
+            }
+            entry["vqa_clean_on_robust_subset"] = _weighted([e["vqa_clean_on_robust_subset"] for _, _, e in robust], weights)
+            entry["robust_ranges"] = [list(r) for r, _, _ in robust]
+            robust_total = max(robust_total, sum(weights))
+        entry["seconds"] = round(sum(e.get("seconds", 0.0) for _, e in entries), 1)
+        merged[size] = entry
+    merged["protocol"]["robust_images"] = robust_total
+    merged["protocol"]["clean_images"] = max(p["protocol"]["clean_images"] for p in pieces)
+    merged["working_eps"] = working_eps(merged, sizes, reference["protocol"]["eps"])
+    merged["seconds"] = round(sum(p.get("seconds", 0.0) for p in pieces), 1)
+    return merged
 
 
 def update_world_config(results: dict) -> Path:
@@ -264,7 +369,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"],
                           help="which LVLMs to score (the working eps needs both, here or already in world.yaml)")
     evaluate.add_argument("--clean-images", type=int, default=500, help="test images for clean VQA, captions and zero-shot")
-    evaluate.add_argument("--robust-images", type=int, default=100, help="first N of those attacked per eps (0: clean only)")
+    evaluate.add_argument("--robust-images", type=int, default=100, help="N of those attacked per eps (0: clean only)")
+    evaluate.add_argument("--robust-offset", type=int, default=0,
+                          help="attack questions K..K+N-1 of the clean ones, to run the robust part in pieces "
+                               "(combine them with `adpo world merge`)")
     evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"], help="l-inf radii of the robust VQA")
     evaluate.add_argument("--steps", type=int, default=50, help="APGD steps")
     evaluate.add_argument("--batch-size", type=int, default=16, help="rows attacked together (one per sample: no targeted VQA pass here)")
@@ -272,11 +380,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-zeroshot", action="store_true", help="skip WorldCLIP zero-shot accuracy")
     evaluate.add_argument("--out", default="runs/world_eval.json", help="where the JSON results go")
     evaluate.add_argument("--update-config", action="store_true", help="write metrics + working eps into world.yaml")
+    merge = sub.add_parser("merge", help="combine `eval` results whose robust parts attacked disjoint question ranges")
+    merge.add_argument("pieces", nargs="+", help="JSON files written by `adpo world eval --out`")
+    merge.add_argument("--out", default="runs/world_eval.json", help="where the merged JSON goes")
+    merge.add_argument("--update-config", action="store_true", help="write metrics + working eps into world.yaml")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     progress = sys.stderr.isatty()
     if args.command == "info":
         return _info()
@@ -301,11 +414,22 @@ def main(argv: list[str] | None = None) -> int:
         results = build_world(out_dir=args.out, stages=args.stages, config=config, progress=progress)
         print(json.dumps({"wall_seconds": results["wall_seconds"]}, indent=2))
         return 0
-    results = evaluate_world(
-        sizes=args.sizes, clean_images=args.clean_images, robust_images=args.robust_images, eps=args.eps,
-        steps=args.steps, batch_size=args.batch_size, captions=not args.no_captions, zeroshot=not args.no_zeroshot,
-        progress=progress,
-    )
+    if args.command == "merge":
+        try:
+            results = merge_world_evals([json.loads(Path(p).read_text()) for p in args.pieces], names=args.pieces)
+        except ValueError as error:
+            print(f"adpo world merge: {error}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            check_robust_slice(args.clean_images, args.robust_images if args.eps else 0, args.robust_offset)
+        except ValueError as error:
+            parser.error(str(error))
+        results = evaluate_world(
+            sizes=args.sizes, clean_images=args.clean_images, robust_images=args.robust_images,
+            robust_offset=args.robust_offset, eps=args.eps, steps=args.steps, batch_size=args.batch_size,
+            captions=not args.no_captions, zeroshot=not args.no_zeroshot, progress=progress,
+        )
     write_json_atomic(args.out, results)
     if args.update_config:
         update_world_config(results)
