@@ -264,6 +264,20 @@ def test_merging_refuses_overlapping_or_mismatched_pieces():
     assert merge_world_evals([legacy, _eval_piece("small", (90, 100), {"8/255": (0, 2)}, start=48)])["small"]["robust_ranges"] == [[0, 48], [48, 50]]
 
 
+def test_world_merge_cli_writes_the_merged_result_or_names_the_overlap(tmp_path, capsys):
+    from adpo.world.cli import main
+
+    first, second, overlapping = (tmp_path / name for name in ("a.json", "b.json", "c.json"))
+    first.write_text(json.dumps(_eval_piece("small", (90, 100), {"8/255": (4, 48)}, start=0)))
+    second.write_text(json.dumps(_eval_piece("small", (90, 100), {"8/255": (0, 52)}, start=48)))
+    overlapping.write_text(json.dumps(_eval_piece("small", (90, 100), {"8/255": (0, 10)}, start=40)))
+    assert main(["merge", str(first), str(second), "--out", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["small"]["vqa_robust"]["8/255"]["exact_match"] == pytest.approx(0.04)
+    assert main(["merge", str(first), str(overlapping), "--out", str(tmp_path / "bad.json")]) == 2
+    assert "overlap" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
 def test_world_eval_refuses_a_robust_slice_outside_the_clean_images(capsys):
     from adpo.world.cli import main
 
