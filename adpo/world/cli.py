@@ -369,8 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sizes", nargs="+", default=["small", "large"], choices=["small", "large"],
                           help="which LVLMs to score (the working eps needs both, here or already in world.yaml)")
     evaluate.add_argument("--clean-images", type=int, default=500, help="test images for clean VQA, captions and zero-shot")
-    evaluate.add_argument("--robust-images", type=int, default=100, help="N of those attacked per eps (0: clean only)")
-    evaluate.add_argument("--robust-offset", type=int, default=0,
+    evaluate.add_argument("--robust-images", type=int, default=100, metavar="N",
+                          help="N of those attacked per eps (0: clean only)")
+    evaluate.add_argument("--robust-offset", type=int, default=0, metavar="K",
                           help="attack questions K..K+N-1 of the clean ones, to run the robust part in pieces "
                                "(combine them with `adpo world merge`)")
     evaluate.add_argument("--eps", nargs="+", default=["2/255", "4/255", "8/255"], help="l-inf radii of the robust VQA")
