@@ -247,6 +247,12 @@ def test_merging_robust_pieces_weights_them_by_question_count():
     assert small["vqa_clean"] == {"exact_match": 0.9, "num_samples": 500}  # the piece with the most clean images
     assert merged["protocol"]["robust_images"] == 100 and merged["protocol"]["clean_images"] == 500
     assert merged["working_eps"]["label"] == "8/255"  # small 10 % and large 0 % at 8/255; small 42 % at 2/255
+    more = merge_world_evals([merged, _eval_piece("small", (90, 100), {"2/255": (0, 20), "8/255": (0, 20)}, start=100)])
+    assert more["small"]["robust_ranges"] == [[0, 100], [100, 120]]
+    assert more["small"]["vqa_robust"]["8/255"]["exact_match"] == pytest.approx(10 / 120)
+    gappy = merge_world_evals([pieces[1], _eval_piece("small", (90, 100), {"2/255": (0, 8), "8/255": (0, 8)}, start=60)])
+    with pytest.raises(ValueError, match="gaps"):
+        merge_world_evals([gappy, _eval_piece("small", (90, 100), {"2/255": (0, 8), "8/255": (0, 8)}, start=100)])
 
 
 def test_merging_refuses_overlapping_or_mismatched_pieces():

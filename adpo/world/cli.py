@@ -208,6 +208,11 @@ def _robust_range(entry: dict) -> tuple[int, int]:
     """The test questions a piece attacked; results written before ranges existed attacked the first N."""
     if "robust_range" in entry:
         return tuple(entry["robust_range"])
+    if "robust_ranges" in entry:  # an earlier merge: usable as one piece when its ranges are contiguous
+        ranges = entry["robust_ranges"]
+        if any(current[0] != previous[1] for previous, current in zip(ranges, ranges[1:])):
+            raise ValueError(f"a merged result with gaps between its ranges {ranges}; merge its pieces instead")
+        return ranges[0][0], ranges[-1][1]
     return 0, next(iter(entry["vqa_robust"].values()))["num_samples"]
 
 
