@@ -282,6 +282,8 @@ def test_world_merge_cli_writes_the_merged_result_or_names_the_overlap(tmp_path,
     assert merged["small"]["vqa_robust"]["8/255"]["exact_match"] == pytest.approx(0.04)
     assert main(["merge", str(first), str(overlapping), "--out", str(tmp_path / "bad.json")]) == 2
     assert "overlap" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+    assert main(["merge", str(first), str(tmp_path / "missing.json"), "--out", str(tmp_path / "bad.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
 
 
 def test_world_eval_refuses_a_robust_slice_outside_the_clean_images(capsys):

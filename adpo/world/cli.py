@@ -228,6 +228,13 @@ def _weighted(figures: list[dict], weights: list[int]) -> dict:
     return merged
 
 
+def _read_piece(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path} as a result of `adpo world eval --out`: {error}") from error
+
+
 def merge_world_evals(pieces: list[dict], names: list[str] | None = None) -> dict:
     """Combine ``adpo world eval`` results whose robust parts attacked disjoint slices of the test questions.
 
@@ -422,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "merge":
         try:
-            results = merge_world_evals([json.loads(Path(p).read_text()) for p in args.pieces], names=args.pieces)
+            results = merge_world_evals([_read_piece(path) for path in args.pieces], names=args.pieces)
         except ValueError as error:
             print(f"adpo world merge: {error}", file=sys.stderr)
             return 2
