@@ -127,6 +127,11 @@ def encoder_dir(train_dir: Path) -> Path:
     return nested if (nested / "config.json").exists() else train_dir
 
 
+def _eval_name(method: str, size: str) -> str:
+    """The report's row label, e.g. ``adpo (small)``."""
+    return f"{method} ({size})"
+
+
 def build_stages(config: PipelineConfig) -> list[Stage]:
     out = Path(config.output_dir)
     eps_keys = {} if config.eps is None else {"eps": config.eps}
@@ -173,13 +178,15 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     sizes = [("small", config.small_model)] + ([("large", config.large_model)] if config.eval_large else [])
     report_dirs: list[Path] = []
+    report_names: list[str] = []
     for size, base_model in sizes:
         for method in [ORIGINAL, *config.methods]:
             eval_dir = out / "eval" / f"{size}-{method}"
             report_dirs.append(eval_dir / "report")
+            report_names.append(_eval_name(method, size))
 
             def run_eval(size: str = size, base_model: str = base_model, method: str = method, eval_dir: Path = eval_dir) -> None:
-                keys: dict[str, Any] = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": f"{method} ({size})"}
+                keys: dict[str, Any] = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": _eval_name(method, size)}
                 if method == ORIGINAL:
                     keys.update(model=base_model, encoder=None)
                 elif size == "small":
@@ -197,7 +204,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     def run_report() -> None:
         with atomic_directory(report_dir) as staging:
-            _adpo(["eval", "compare", *map(str, report_dirs), "--out", str(staging)])
+            # each encoder against the undefended model on the same LVLM, question by question
+            baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
+            _adpo(["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, "--out", str(staging)])
 
     stages.append(Stage("report", report_dir, run_report))
     return stages

@@ -11,8 +11,10 @@ from adpo.eval.report import (
     REPORT_VERSION,
     compare_reports,
     load_report,
+    paired_comparison,
     results_table,
     sanity_checks,
+    sign_test_p_value,
     write_report,
 )
 
@@ -157,3 +159,62 @@ def test_compare_refuses_mixed_tasks_and_non_reports(tmp_path):
         compare_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     with pytest.raises(FileNotFoundError, match="report.json"):
         load_report(tmp_path / "missing")
+
+
+def test_sign_test_p_value_on_hand_counted_cases():
+    assert sign_test_p_value(0, 0) == 1.0
+    assert sign_test_p_value(5, 0) == pytest.approx(2 / 32)  # all five changes one way: 2 * 0.5**5
+    assert sign_test_p_value(3, 1) == pytest.approx(2 * (1 + 4) / 16)  # 2 * P(X <= 1), X ~ Bin(4, 1/2)
+    assert sign_test_p_value(2, 1) == 1.0  # the doubled tail exceeds one
+    assert sign_test_p_value(1, 7) == sign_test_p_value(7, 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        sign_test_p_value(-1, 2)
+
+
+def test_sign_test_p_value_matches_scipy_binomtest():
+    stats = pytest.importorskip("scipy.stats")
+    for gained in range(13):
+        for lost in range(13):
+            if gained + lost:
+                assert sign_test_p_value(gained, lost) == pytest.approx(stats.binomtest(gained, gained + lost, 0.5).pvalue)
+
+
+def test_paired_comparison_counts_questions_gained_and_lost():
+    baseline = synthetic_report("original", robust={"2/255": (1, 0, 0, 0), "4/255": (0, 0, 0, 0)})
+    other = synthetic_report("adpo", clean=(1, 1, 0, 1), robust={"2/255": (0, 1, 1, 0), "4/255": (0, 0, 0, 0)})
+    rows = {row["column"]: row for row in paired_comparison(other, baseline)}
+    assert list(rows) == ["clean", "2/255", "4/255"]
+    clean, weak, strong = rows["clean"], rows["2/255"], rows["4/255"]
+    assert (clean["gained"], clean["lost"], clean["delta"]) == (1, 1, 0.0)
+    assert (weak["gained"], weak["lost"], weak["shared_samples"]) == (2, 1, 4)
+    assert weak["delta"] == pytest.approx(0.25) and weak["p_value"] == 1.0
+    assert (strong["gained"], strong["lost"], strong["p_value"]) == (0, 0, 1.0)
+    assert weak["name"] == "adpo" and weak["baseline"] == "original"
+    # only the samples both reports scored count
+    other["samples"] = other["samples"][1:]
+    assert paired_comparison(other, baseline)[1]["shared_samples"] == 3
+
+
+def test_compare_pairs_each_report_with_the_last_baseline_before_it(tmp_path):
+    reports = {
+        "original (small)": synthetic_report("original (small)", robust={"2/255": (0, 0, 0, 0)}),
+        "adpo (small)": synthetic_report("adpo (small)", robust={"2/255": (1, 1, 1, 0)}),
+        "original (large)": synthetic_report("original (large)", robust={"2/255": (1, 1, 0, 0)}),
+        "adpo (large)": synthetic_report("adpo (large)", robust={"2/255": (1, 1, 1, 0)}),
+    }
+    for name, report in reports.items():
+        write_report(report, tmp_path / name)
+    directories = [tmp_path / name for name in reports]
+    out = compare_reports(directories, tmp_path / "cmp", baselines=["original (small)", "original (large)"])
+    paired = [row for row in json.loads(out["json"].read_text())["paired"] if row["column"] == "2/255"]
+    assert [(row["name"], row["baseline"], row["gained"], row["lost"]) for row in paired] == [
+        ("adpo (small)", "original (small)", 3, 0),
+        ("adpo (large)", "original (large)", 1, 0),
+    ]
+    text = out["markdown"].read_text()
+    assert "| adpo (small) | original (small) | ε=2/255 | +75.0 | 3 | 0 | 0.25 |" in text
+    # default: everything against the first report
+    default = json.loads(compare_reports(directories, tmp_path / "cmp2")["json"].read_text())["paired"]
+    assert {row["baseline"] for row in default} == {"original (small)"} and len({row["name"] for row in default}) == 3
+    with pytest.raises(ValueError, match="matches no report.*original \\(small\\)"):
+        compare_reports(directories, tmp_path / "cmp3", baselines=["undefended"])

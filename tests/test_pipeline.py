@@ -34,6 +34,20 @@ def test_stage_order_and_generated_configs(tmp_path, monkeypatch):
     assert large_adpo["model"].endswith("transfer/adpo/model") and large_adpo["num_samples"] == 2
 
 
+def test_report_compares_each_encoder_with_the_undefended_model_of_its_own_lvlm(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+    pipeline.run_pipeline(_config(tmp_path))
+    compare = calls[-1]
+    directories = compare[2 : compare.index("--names")]
+    names = compare[compare.index("--names") + 1 : compare.index("--baseline")]
+    # the row labels are the names the eval stages gave their reports, in the same order
+    stage_names = [yaml.safe_load((tmp_path / "out/eval" / d.split("/")[-2] / "stage_config.yaml").read_text())["name"] for d in directories]
+    assert names == stage_names == ["original (small)", "fare (small)", "adpo (small)", "original (large)", "fare (large)", "adpo (large)"]
+    baselines = [compare[i + 1] for i, arg in enumerate(compare) if arg == "--baseline"]
+    assert baselines == ["original (small)", "original (large)"]
+
+
 def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeypatch):
     calls = []
 

@@ -1,7 +1,7 @@
 """``adpo eval``: run the robustness protocol from a YAML config, or compare finished reports.
 
     adpo eval --config configs/eval/world_vqa.yaml [--steps 10 --num_samples 8 ...]
-    adpo eval compare runs/eval/original runs/eval/adpo [--names original adpo] [--out runs/eval/compare]
+    adpo eval compare runs/eval/original runs/eval/adpo [--names original adpo] [--baseline original] [--out runs/eval/compare]
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ def compare_main(argv: list[str]) -> int:
     parser.add_argument("reports", nargs="+", help="report directories (or their report.json)")
     parser.add_argument("--names", nargs="+", help="row labels, one per report (default: each report's name)")
     parser.add_argument("--out", default="runs/eval/compare", help="output directory (compare.md, compare.json, chart)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        metavar="NAME",
+        help="report name to compare the following reports with, question by question (repeatable: each report goes "
+        "against the last baseline before it; default: the first report)",
+    )
     args = parser.parse_args(argv)
-    paths = compare_reports(args.reports, args.out, names=args.names)
+    paths = compare_reports(args.reports, args.out, names=args.names, baselines=args.baseline)
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
     return 0

@@ -266,8 +266,117 @@ def load_report(path: str | os.PathLike) -> dict:
     return report
 
 
-def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, Path]:
-    """One table and one chart from several reports of the same task (e.g. original, FARE, TeCoA, AdPO)."""
+# -- Paired comparison against a baseline ---------------------------------------------------------------
+
+
+def sign_test_p_value(gained: int, lost: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test for 0/1 scores) of ``gained`` against ``lost``.
+
+    Under the null hypothesis each sample whose score changed is equally likely to have gone up or down, so
+    the smaller count is Binomial(gained + lost, 1/2); ties (unchanged samples) carry no information.
+    """
+    if gained < 0 or lost < 0:
+        raise ValueError(f"counts must be >= 0, got gained={gained}, lost={lost}")
+    changed = gained + lost
+    if changed == 0:
+        return 1.0
+    tail = sum(math.comb(changed, k) for k in range(min(gained, lost) + 1)) / 2.0**changed
+    return min(1.0, 2.0 * tail)
+
+
+def _per_sample_scores(report: dict, metric: str) -> dict[str, dict[str, float]]:
+    """``{"clean" | eps_label: {sample id: score}}`` from a report's samples."""
+    columns: dict[str, dict[str, float]] = {"clean": {}}
+    for sample in report["samples"]:
+        columns["clean"][sample["id"]] = sample["clean"]["scores"][metric]
+        for label, robust in sample["robust"].items():
+            columns.setdefault(label, {})[sample["id"]] = robust["scores"][metric]
+    return columns
+
+
+def paired_comparison(report: dict, baseline: dict, metric: str | None = None) -> list[dict]:
+    """Sample-by-sample comparison of ``report`` with ``baseline`` on the samples both scored, per column.
+
+    One row for clean and one per ε both reports attacked: the shared sample count, the mean difference
+    (report − baseline, in metric units), how many samples scored higher (``gained``) and lower (``lost``)
+    than under the baseline, and the sign test's two-sided p-value. On a few dozen questions a one- or
+    two-question difference is noise; the p-value says how much.
+    """
+    metric = metric or baseline["primary_metric"]
+    ours, theirs = _per_sample_scores(report, metric), _per_sample_scores(baseline, metric)
+    rows = []
+    for label in ["clean"] + [row["eps_label"] for row in sorted(baseline["robust"], key=lambda row: row["eps"])]:
+        if label not in ours or label not in theirs:
+            continue
+        shared = sorted(set(ours[label]) & set(theirs[label]))
+        if not shared:
+            continue
+        differences = [ours[label][i] - theirs[label][i] for i in shared]
+        gained = sum(d > 1e-12 for d in differences)
+        lost = sum(d < -1e-12 for d in differences)
+        rows.append(
+            {
+                "name": report.get("name") or report["model"],
+                "baseline": baseline.get("name") or baseline["model"],
+                "column": label,
+                "shared_samples": len(shared),
+                "delta": sum(differences) / len(shared),
+                "gained": gained,
+                "lost": lost,
+                "p_value": sign_test_p_value(gained, lost),
+            }
+        )
+    return rows
+
+
+def paired_table(rows: Sequence[dict]) -> str:
+    """Markdown for :func:`paired_comparison` rows (differences in points, i.e. ×100)."""
+    lines = ["| Model | against | images | Δ (points) | gained | lost | p (sign test) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        column = row["column"] if row["column"] == "clean" else f"ε={row['column']}"
+        lines.append(
+            f"| {row['name']} | {row['baseline']} | {column} | {row['delta'] * DISPLAY_SCALE:+.1f} | {row['gained']} | "
+            f"{row['lost']} | {row['p_value']:.2g} |"
+        )
+    return "\n".join(lines)
+
+
+def _baseline_positions(reports: Sequence[dict], baselines: Sequence[str] | None) -> list[int | None]:
+    """For each report, the index of the baseline it is compared with (None for the baselines themselves).
+
+    Each report goes against the last baseline listed before it, so one compare can hold several groups
+    (``original (small)``, its encoders, ``original (large)``, its encoders). Default: the first report.
+    """
+    labels = [r.get("name") or r["model"] for r in reports]
+    if baselines:
+        unknown = [name for name in baselines if name not in labels]
+        if unknown:
+            raise ValueError(f"--baseline {unknown} matches no report; the report names are {labels}")
+        marked = {i for i, label in enumerate(labels) if label in baselines}
+    else:
+        marked = {0}
+    positions: list[int | None] = []
+    current: int | None = None
+    for index in range(len(reports)):
+        if index in marked:
+            current = index
+            positions.append(None)
+        else:
+            positions.append(current)
+    return positions
+
+
+def compare_reports(
+    paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    baselines: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """One table and one chart from several reports of the same task (e.g. original, FARE, TeCoA, AdPO).
+
+    Each report after a baseline is also compared with it sample by sample (``paired_comparison``): by default
+    everything against the first report; ``baselines`` (report names) starts a new group at each one named.
+    """
     from adpo.eval.plots import plot_metric_vs_eps
 
     if not paths:
@@ -291,6 +400,23 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         if all(name in r["clean"] for r in reports):
             lines += [METRIC_LABELS.get(name, name) , "", results_table(reports, name), ""]
     lines += ["Sample counts: " + ", ".join(f"{r.get('name') or r['model']}: {r['num_samples']}" for r in reports), ""]
+    paired = [
+        row
+        for report, base in zip(reports, _baseline_positions(reports, baselines))
+        if base is not None
+        for row in paired_comparison(report, reports[base], metric)
+    ]
+    if paired:
+        lines += [
+            "## Against the baseline, question by question",
+            "",
+            f"{METRIC_LABELS.get(metric, metric)} on the samples both reports scored: the difference in points, how "
+            "many samples scored higher (gained) and lower (lost) than under the baseline, and the exact two-sided "
+            "sign test's p-value (a large p: the difference is within what chance gives on this many questions).",
+            "",
+            paired_table(paired),
+            "",
+        ]
     flagged = [(r.get("name") or r["model"], c) for r in reports for c in r.get("sanity", []) if c["status"] != "pass"]
     if flagged:
         lines += ["## Flags", ""] + [f"- {name}: **{_STATUS_MARK[c['status']]}** `{c['check']}` — {c['detail']}" for name, c in flagged] + [""]
@@ -301,6 +427,7 @@ def compare_reports(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         "primary_metric": metric,
         "reports": [str(p) for p in paths],
         "rows": [{"name": r.get("name") or r["model"], "clean": r["clean"], "robust": [{k: row[k] for k in ("eps", "eps_label", "steps", "metrics")} for row in r["robust"]]} for r in reports],
+        "paired": paired,
     }
     return {
         "plot": plot_metric_vs_eps([_curve(r, metric) for r in reports], out_dir / f"compare_{PLOT_METRIC_VS_EPS}", METRIC_LABELS.get(metric, metric), title=task),
