@@ -17,7 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("trainers.cli", "train a robust vision encoder: adpo | fare | tecoa | simclip"),
     "transfer": ("transfer.cli", "graft a trained encoder into a (larger) LVLM, convert formats, verify"),
     "eval": ("adpo.eval.cli", "evaluate clean and adversarial robustness; write JSON/Markdown reports and plots"),
-    "world": ("adpo.world.cli", "the bundled offline world: build | info | prune | eval"),
+    "world": ("adpo.world.cli", "the bundled offline world: build | info | prune | eval | merge"),
 }
 
 

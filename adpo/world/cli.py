@@ -1,4 +1,4 @@
-"""``adpo world``: build | info | prune | eval for the bundled world.
+"""``adpo world``: build | info | prune | eval | merge for the bundled world.
 
     adpo world info                          # LM packages, caches, shipped weights and their hashes
     adpo world prune [--dry-run]             # delete caches left by earlier shipped weights
@@ -347,7 +347,7 @@ def update_world_config(results: dict) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="adpo world", description="The bundled offline world: build | info | prune | eval."
+        prog="adpo world", description="The bundled offline world: build | info | prune | eval | merge."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is installed: LM packages, caches, shipped weights (hash check)")
