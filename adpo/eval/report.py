@@ -59,6 +59,11 @@ METRIC_LABELS = {
 DISPLAY_SCALE = 100.0
 
 
+def report_label(report: dict) -> str:
+    """A report's row label: its name, or the model when it has none."""
+    return report.get("name") or report["model"]
+
+
 def format_metric(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
@@ -171,7 +176,7 @@ def results_table(reports: Sequence[dict], metric: str | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for report in reports:
         by_label = {row["eps_label"]: row["metrics"].get(metric) for row in report["robust"]}
-        cells = [report.get("name") or report["model"], format_metric(report["clean"].get(metric))]
+        cells = [report_label(report), format_metric(report["clean"].get(metric))]
         cells += [format_metric(by_label.get(label)) for _, label in eps_columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -180,7 +185,7 @@ def results_table(reports: Sequence[dict], metric: str | None = None) -> str:
 def render_markdown(report: dict) -> str:
     metric = report["primary_metric"]
     lines = [
-        f"# adpo eval — {report.get('name') or report['model']}",
+        f"# adpo eval — {report_label(report)}",
         "",
         f"- model: `{report['model']}`",
         f"- task: {report['task']}, {report['num_samples']} samples",
@@ -216,7 +221,7 @@ def _curve(report: dict, metric: str):
 
     rows = sorted(report["robust"], key=lambda row: row["eps"])
     return Curve(
-        label=report.get("name") or report["model"],
+        label=report_label(report),
         eps=[0.0] + [row["eps"] for row in rows],
         values=[report["clean"][metric] * DISPLAY_SCALE] + [row["metrics"][metric] * DISPLAY_SCALE for row in rows],
     )
@@ -316,8 +321,8 @@ def paired_comparison(report: dict, baseline: dict, metric: str | None = None) -
         lost = sum(d < -1e-12 for d in differences)
         rows.append(
             {
-                "name": report.get("name") or report["model"],
-                "baseline": baseline.get("name") or baseline["model"],
+                "name": report_label(report),
+                "baseline": report_label(baseline),
                 "column": label,
                 "shared_samples": len(shared),
                 "delta": sum(differences) / len(shared),
@@ -347,7 +352,7 @@ def _baseline_positions(reports: Sequence[dict], baselines: Sequence[str] | None
     Each report goes against the last baseline listed before it, so one compare can hold several groups
     (``original (small)``, its encoders, ``original (large)``, its encoders). Default: the first report.
     """
-    labels = [r.get("name") or r["model"] for r in reports]
+    labels = [report_label(r) for r in reports]
     if baselines:
         unknown = [name for name in baselines if name not in labels]
         if unknown:
@@ -399,7 +404,7 @@ def compare_reports(
     for name in reports[0]["metrics"]:
         if all(name in r["clean"] for r in reports):
             lines += [METRIC_LABELS.get(name, name) , "", results_table(reports, name), ""]
-    lines += ["Sample counts: " + ", ".join(f"{r.get('name') or r['model']}: {r['num_samples']}" for r in reports), ""]
+    lines += ["Sample counts: " + ", ".join(f"{report_label(r)}: {r['num_samples']}" for r in reports), ""]
     paired = [
         row
         for report, base in zip(reports, _baseline_positions(reports, baselines))
@@ -417,7 +422,7 @@ def compare_reports(
             paired_table(paired),
             "",
         ]
-    flagged = [(r.get("name") or r["model"], c) for r in reports for c in r.get("sanity", []) if c["status"] != "pass"]
+    flagged = [(report_label(r), c) for r in reports for c in r.get("sanity", []) if c["status"] != "pass"]
     if flagged:
         lines += ["## Flags", ""] + [f"- {name}: **{_STATUS_MARK[c['status']]}** `{c['check']}` — {c['detail']}" for name, c in flagged] + [""]
     lines += [f"![{metric} vs ε](compare_{PLOT_METRIC_VS_EPS})", ""]
@@ -426,7 +431,7 @@ def compare_reports(
         "task": task,
         "primary_metric": metric,
         "reports": [str(p) for p in paths],
-        "rows": [{"name": r.get("name") or r["model"], "clean": r["clean"], "robust": [{k: row[k] for k in ("eps", "eps_label", "steps", "metrics")} for row in r["robust"]]} for r in reports],
+        "rows": [{"name": report_label(r), "clean": r["clean"], "robust": [{k: row[k] for k in ("eps", "eps_label", "steps", "metrics")} for row in r["robust"]]} for r in reports],
         "paired": paired,
     }
     return {
