@@ -68,9 +68,13 @@ def test_vqa_protocol_breaks_answers_and_writes_report(view, answered, tmp_path)
     robust = {row["eps_label"]: row["metrics"]["exact_match"] for row in report["robust"]}
     assert robust["8/255"] < 1.0
     for sample in report["samples"]:
-        for entry in sample["robust"].values():
-            assert entry["scores"]["exact_match"] <= sample["clean"]["scores"]["exact_match"]
-            assert entry["attacked"]  # every sample was right on the clean image, so every sample is attacked
+        small, large = sample["robust"]["2/255"], sample["robust"]["8/255"]
+        assert large["scores"]["exact_match"] <= small["scores"]["exact_match"] <= sample["clean"]["scores"]["exact_match"]
+        assert small["attacked"]  # every sample was right on the clean image, so every sample is attacked
+        if small["scores"]["exact_match"] == 0:  # broken at 2/255: carried to 8/255, not attacked again
+            assert large["source"] == small["source"] and large["source"].endswith("ε=2/255")
+    rows = {row["eps_label"]: row for row in report["robust"]}
+    assert rows["8/255"]["num_attacked"] == round(len(answers) * robust["2/255"])
     assert {c["check"] for c in report["sanity"]} == {"robust_le_clean", "monotone_in_eps", "more_steps_not_weaker"}
     assert report["sanity"][0]["status"] == "pass"
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -104,6 +108,25 @@ def test_broken_samples_are_never_attacked(view, answered):
                           precision_schedule=["float32"], batch_size=4)
     assert run.worst[0] is None and all(w is not None for w in run.worst[1:])
     assert run.attacked == len(samples) - 1
+
+
+def test_outputs_carried_from_a_smaller_epsilon_are_not_attacked_again(view, answered):
+    pixels, answers = answered
+    samples = vqa_samples(answers)
+    task = VQATask(samples, [])
+    model = GenerativeModel(view, 8)
+    clean = [Outcome(o, s) for o, s in zip(answers, task.score(samples, answers))]
+    small = ThreatModel(eps=2 / 255)
+    broken_x = small.project(pixels[:1] + 1.0, pixels[:1])[0]  # a corner of the small ball
+    carried = [Outcome("wrong", {"exact_match": 0.0, "soft_accuracy": 0.0}, broken_x, "answer#0@float32 ε=2/255")]
+    carried += [None] * (len(samples) - 1)
+    run = attack_ensemble(model, task, samples, pixels, clean, ThreatModel(eps=8 / 255), steps=2,
+                          precision_schedule=["float32"], batch_size=4, carried=carried)
+    assert run.worst[0] is carried[0]  # kept as found, its image inside the larger ball as well
+    assert run.attacked == len(samples) - 1 and all(w is not None for w in run.worst[1:])
+    with pytest.raises(ValueError, match="carried has 1 outcomes"):
+        attack_ensemble(model, task, samples, pixels, clean, small, steps=1, precision_schedule=["float32"],
+                        batch_size=4, carried=carried[:1])
 
 
 def test_zero_epsilon_changes_nothing(view, answered):

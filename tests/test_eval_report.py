@@ -92,7 +92,7 @@ def test_robust_above_clean_fails_and_attack_above_clean_warns():
 
 def test_rise_in_eps_and_more_steps_higher_are_flagged():
     rising = synthetic_report(robust={"2/255": (0, 0, 0, 0), "4/255": (1, 0, 0, 0)})
-    assert statuses(rising)["monotone_in_eps"] == "warn"
+    assert statuses(rising)["monotone_in_eps"] == "fail"  # impossible with nested balls
     masked = synthetic_report(step_check={"eps_label": "4/255", "steps": 10, "metrics": {"exact_match": 0.0}, "per_sample": {}})
     masked["robust"][1]["metrics"]["exact_match"] = 0.25
     masked["samples"][0]["robust"]["4/255"]["scores"]["exact_match"] = 1.0

@@ -1,6 +1,8 @@
 """The robustness evaluation protocol: clean pass, an ensemble of APGD passes, per-sample worst case.
 
-For every epsilon, each sample starts from its clean output. The attack then runs in *stages* (the
+The epsilons run from the smallest up, and each sample starts from its worst output at the next smaller
+epsilon (the clean output at the smallest): the balls are nested, so an image found there lies in this ball
+too, and a sample broken there is broken here without another attack. The attack then runs in *stages* (the
 precision schedule, by default half precision then fp32); each stage runs every *attack pass* of the
 task (one untargeted pass per reference answer or caption, plus the task's targeted passes) on the
 samples that are not yet broken, in batches, with per-sample early stopping inside APGD wherever the
@@ -318,8 +320,12 @@ def attack_ensemble(
     batch_size: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    carried: Sequence[Outcome | None] | None = None,
 ) -> AttackRun:
     """Run every attack pass of ``task`` in every precision stage on the samples that are not yet broken.
+
+    ``carried``: per sample, the worst attack output found at a smaller epsilon of the same norm. Its image
+    lies in this ball too, so it starts as the sample's worst here, and a sample it breaks is not attacked again.
 
     Passes whose success does not imply a broken sample (captions; one of several VQA answers) run one after
     another, each decoded and scored before the next. The others (early-stopping passes) run side by side:
@@ -332,12 +338,15 @@ def attack_ensemble(
     keys = list(dict.fromkeys(key for per_sample in passes for key in per_sample))
     one_by_one = [k for k in keys if any(k in p and not p[k].early_stop for p in passes)]
     side_by_side = any(p.early_stop for per_sample in passes for p in per_sample.values())
-    worst: list[Outcome | None] = [None] * len(samples)
-    broken = [task.broken(c.scores) for c in clean]
+    worst: list[Outcome | None] = list(carried) if carried is not None else [None] * len(samples)
+    if len(worst) != len(samples):
+        raise ValueError(f"carried has {len(worst)} outcomes for {len(samples)} samples")
+    broken = [task.broken(c.scores) or (w is not None and task.broken(w.scores)) for c, w in zip(clean, worst)]
     attacked = [False] * len(samples)
     gradient_steps = 0
     device = model.device
-    bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={threat.eps * 255:.3g}/255",
+    eps_label = f"{threat.eps * 255:.3g}/255"
+    bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={eps_label}",
                disable=None if progress else True, leave=False)  # None: quiet when not a TTY
 
     def run(rows: list[tuple[int, str]], stage: int, precision: str, early_stop: bool) -> None:
@@ -368,7 +377,7 @@ def attack_ensemble(
         for r, output, scores in zip(decode, outputs, task.score(decoded_samples, outputs)):
             i, key = rows[r]
             if worst[i] is None or scores[task.primary] < worst[i].scores[task.primary]:
-                worst[i] = Outcome(output, scores, result.x_adv[r].detach().cpu(), f"{key}@{precision}")
+                worst[i] = Outcome(output, scores, result.x_adv[r].detach().cpu(), f"{key}@{precision} ε={eps_label}")
             broken[i] = task.broken(worst[i].scores)
 
     for stage, precision in enumerate(precision_schedule):
@@ -471,9 +480,11 @@ def protocol_summary(config: EvalConfig, task: Task, eps: Sequence[tuple[float, 
             "on GPU, float32 on CPU).",
             "- Per sample, the reported robust output is the worst (lowest score) over the clean image and every "
             "attack output; samples already broken on the clean image or by an earlier pass are not attacked again.",
+            "- The ε run from the smallest up and the balls are nested: each sample's worst output at one ε is "
+            "also an output at every larger ε, so a sample broken there is counted broken here without a new attack.",
             f"- Step check: the largest ε is re-run with {config.step_check_steps} steps; more steps must not leave a "
             "higher robust score." if config.step_check_steps else "- Step check: disabled.",
-            f"- Seed {config.seed}; every ε is attacked independently from the clean images.",
+            f"- Seed {config.seed}.",
         ]
     )
     return {
@@ -518,11 +529,14 @@ def run_protocol(
         _choose_target_classes(model, pixels, samples, config)
 
     rows, runs = [], {}
+    carried = None  # the ε-balls are nested: what breaks a sample at one ε breaks it at every larger ε
     for index, (eps, label) in enumerate(eps_list):
         threat = ThreatModel(norm=config.norm, eps=eps)
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + index)
+        carried_into_largest = carried  # after the loop: where the largest ε started, and so the step check
         run = attack_ensemble(model, task, samples, pixels, clean, threat, config.steps, config.precision_schedule,
-                              config.batch_size, generator, progress)
+                              config.batch_size, generator, progress, carried=carried)
+        carried = run.worst
         final = robust_outcomes(task, clean, run)
         attack_only = [w if w is not None else c for w, c in zip(run.worst, clean)]
         runs[label] = (run, final)
@@ -542,7 +556,7 @@ def run_protocol(
         eps, label = eps_list[-1]
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + 999)
         run = attack_ensemble(model, task, samples, pixels, clean, ThreatModel(norm=config.norm, eps=eps), config.step_check_steps,
-                              config.precision_schedule, config.batch_size, generator, progress)
+                              config.precision_schedule, config.batch_size, generator, progress, carried=carried_into_largest)
         final = robust_outcomes(task, clean, run)
         step_check = {
             "eps_label": label,

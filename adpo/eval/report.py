@@ -12,11 +12,13 @@ A report is a plain JSON-serialisable dict (``REPORT_FORMAT``, version 1)::
       "clean": {"exact_match": 0.81, ...},          # aggregate, in [0, 1] (CIDEr in pycocoevalcap units)
       "robust": [{"eps": 0.0157, "eps_label": "4/255", "steps": 100,
                   "metrics": {...}, "attack_only_metrics": {...}, "num_attacked": 52, "seconds": 12.3}],
+                                                    # num_attacked: attacked at this ε (not broken at a smaller one)
       "step_check": null | {"eps_label": "4/255", "steps": 10, "metrics": {...}, "per_sample": {id: score}},
       "samples": [{"id": "...", "prompt": "...", "references": [...],
                    "clean": {"output": "...", "scores": {...}},
                    "robust": {"4/255": {"output": "...", "scores": {...}, "attack_only_scores": {...} | null,
-                                        "source": "clean" | "<pass name>", "attacked": true}}}],
+                                        "source": "clean" | "<pass>@<precision> ε=<where found>",
+                                        "attacked": true}}}],
       "examples": [{"id": "...", "eps_label": "4/255", "clean_image": "examples/x_clean.png",
                     "adversarial_image": "examples/x_4-255.png", "prompt": "...",
                     "clean_output": "...", "adversarial_output": "..."}],
@@ -141,7 +143,8 @@ def sanity_checks(report: dict) -> list[dict]:
     )
     rises = [f"{a[1]} -> {b[1]} ({format_metric(a[2])} -> {format_metric(b[2])})" for a, b in zip(curve, curve[1:]) if b[2] > a[2] + 1e-9]
     checks.append(
-        _check("monotone_in_eps", "warn", "robust score rises with epsilon: " + "; ".join(rises))
+        # Every output found at one ε is carried to the larger ones (nested balls), so a rise is a bookkeeping bug.
+        _check("monotone_in_eps", "fail", "robust score rises with epsilon: " + "; ".join(rises))
         if rises
         else _check("monotone_in_eps", "pass", "robust score non-increasing in epsilon")
     )
