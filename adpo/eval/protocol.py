@@ -345,8 +345,8 @@ def attack_ensemble(
     attacked = [False] * len(samples)
     gradient_steps = 0
     device = model.device
-    eps_label = f"{threat.eps * 255:.3g}/255"
-    bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={eps_label}",
+    label = eps_label(threat.eps)
+    bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={label}",
                disable=None if progress else True, leave=False)  # None: quiet when not a TTY
 
     def run(rows: list[tuple[int, str]], stage: int, precision: str, early_stop: bool) -> None:
@@ -377,7 +377,7 @@ def attack_ensemble(
         for r, output, scores in zip(decode, outputs, task.score(decoded_samples, outputs)):
             i, key = rows[r]
             if worst[i] is None or scores[task.primary] < worst[i].scores[task.primary]:
-                worst[i] = Outcome(output, scores, result.x_adv[r].detach().cpu(), f"{key}@{precision} ε={eps_label}")
+                worst[i] = Outcome(output, scores, result.x_adv[r].detach().cpu(), f"{key}@{precision} ε={label}")
             broken[i] = task.broken(worst[i].scores)
 
     for stage, precision in enumerate(precision_schedule):
@@ -440,15 +440,15 @@ def predict_in_batches(model, pixels: torch.Tensor, samples: Sequence[Sample], b
 # -- the whole protocol ---------------------------------------------------------------------------------
 
 
+def eps_label(eps: float) -> str:
+    """How reports name an epsilon: in 255ths where it is a whole number of hundredths of them ("4/255"), else as is."""
+    in_255ths = round(eps * 255, 2)
+    return f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-4) else f"{eps:.4g}"
+
+
 def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
     """(epsilon, label) pairs sorted by epsilon; "world" is the bundled world's working epsilon."""
-    resolved = []
-    for value in values:
-        eps = parse_eps(value)
-        in_255ths = round(eps * 255, 2)
-        label = f"{in_255ths:g}/255" if math.isclose(eps * 255, in_255ths, abs_tol=1e-4) else f"{eps:.4g}"
-        resolved.append((eps, label))
-    return sorted(set(resolved))
+    return sorted({(parse_eps(value), eps_label(parse_eps(value))) for value in values})
 
 
 def make_task(config: EvalConfig, samples: Sequence[Sample], class_names: Sequence[str] | None = None) -> Task:
@@ -625,7 +625,7 @@ def _choose_target_classes(model: ZeroShotModel, pixels: torch.Tensor, samples: 
             samples[i].target_labels = ranking[: config.zeroshot_target_classes]
 
 
-def _save_examples(samples, pixels, clean, run_and_final, eps_label, task, count, out_dir: Path) -> list[dict]:
+def _save_examples(samples, pixels, clean, run_and_final, label, task, count, out_dir: Path) -> list[dict]:
     """Lossless PNGs of clean and adversarial images for the samples whose output the attack changed most."""
     from adpo.preprocess import to_uint8_images
 
@@ -634,7 +634,7 @@ def _save_examples(samples, pixels, clean, run_and_final, eps_label, task, count
     # Broken samples first, then by how far the score fell.
     changed.sort(key=lambda i: (not task.broken(final[i].scores), final[i].scores[task.primary] - clean[i].scores[task.primary]))
     examples = []
-    safe_label = eps_label.replace("/", "-")
+    safe_label = label.replace("/", "-")
     for i in changed[:count]:
         clean_image, adversarial_image = to_uint8_images(torch.stack([pixels[i].float().cpu(), final[i].x_adv.float()]))
         folder = out_dir / "examples"
@@ -645,7 +645,7 @@ def _save_examples(samples, pixels, clean, run_and_final, eps_label, task, count
         _save_png(adversarial_image, adversarial_path)
         examples.append({
             "id": samples[i].id,
-            "eps_label": eps_label,
+            "eps_label": label,
             "clean_image": str(clean_path.relative_to(out_dir)),
             "adversarial_image": str(adversarial_path.relative_to(out_dir)),
             "prompt": samples[i].prompt,
