@@ -448,7 +448,7 @@ def eps_label(eps: float) -> str:
 
 def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
     """(epsilon, label) pairs sorted by epsilon; "world" is the bundled world's working epsilon."""
-    return sorted({(parse_eps(value), eps_label(parse_eps(value))) for value in values})
+    return sorted({(eps, eps_label(eps)) for eps in map(parse_eps, values)})
 
 
 def make_task(config: EvalConfig, samples: Sequence[Sample], class_names: Sequence[str] | None = None) -> Task:
@@ -480,7 +480,7 @@ def protocol_summary(config: EvalConfig, task: Task, eps: Sequence[tuple[float, 
             "on GPU, float32 on CPU).",
             "- Per sample, the reported robust output is the worst (lowest score) over the clean image and every "
             "attack output; samples already broken on the clean image or by an earlier pass are not attacked again.",
-            "- The ε run from the smallest up and the balls are nested: each sample's worst output at one ε is "
+            "- The ε values run from the smallest up and the balls are nested: each sample's worst output at one ε is "
             "also an output at every larger ε, so a sample broken there is counted broken here without a new attack.",
             f"- Step check: the largest ε is re-run with {config.step_check_steps} steps; more steps must not leave a "
             "higher robust score." if config.step_check_steps else "- Step check: disabled.",
@@ -533,7 +533,6 @@ def run_protocol(
     for index, (eps, label) in enumerate(eps_list):
         threat = ThreatModel(norm=config.norm, eps=eps)
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + index)
-        carried_into_largest = carried  # after the loop: where the largest ε started, and so the step check
         run = attack_ensemble(model, task, samples, pixels, clean, threat, config.steps, config.precision_schedule,
                               config.batch_size, generator, progress, carried=carried)
         carried = run.worst
@@ -555,8 +554,10 @@ def run_protocol(
     if config.step_check_steps:
         eps, label = eps_list[-1]
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + 999)
+        # Start where the main run at the largest ε started: from the next smaller ε's worst outputs.
+        below = runs[eps_list[-2][1]][0].worst if len(eps_list) > 1 else None
         run = attack_ensemble(model, task, samples, pixels, clean, ThreatModel(norm=config.norm, eps=eps), config.step_check_steps,
-                              config.precision_schedule, config.batch_size, generator, progress, carried=carried_into_largest)
+                              config.precision_schedule, config.batch_size, generator, progress, carried=below)
         final = robust_outcomes(task, clean, run)
         step_check = {
             "eps_label": label,
