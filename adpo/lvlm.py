@@ -148,6 +148,14 @@ def find_vision_tower(model: nn.Module) -> nn.Module:
     )
 
 
+def find_projector(model: nn.Module) -> nn.Module:
+    """The multimodal projector of a LLaVA-family model: what maps the tower's features into the LLM's embeddings."""
+    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    if not isinstance(projector, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no multi_modal_projector; adpo needs a LLaVA-style model here")
+    return projector
+
+
 def feature_selection(model: nn.Module) -> tuple[int | list[int], str]:
     """The LVLM's (vision_feature_layer, vision_feature_select_strategy), LLaVA's defaults when unset."""
     config = model.config

@@ -9,6 +9,7 @@ from adpo.lvlm import (
     VisionTower,
     canonical_encoder_state,
     export_encoder,
+    find_projector,
     find_vision_tower,
     freeze_for_tower_training,
     load_encoder,
@@ -140,6 +141,13 @@ def test_model_without_vision_tower_is_refused():
     language_only = LlamaForCausalLM(LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="has no vision tower"):
         find_vision_tower(language_only)
+
+
+def test_projector_is_found_in_llava_and_refused_elsewhere(tiny):
+    model, _ = tiny
+    assert find_projector(model) is model.model.multi_modal_projector
+    with pytest.raises(ValueError, match="has no multi_modal_projector"):
+        find_projector(CLIPVisionModel(tiny_vision_config()))
 
 
 def test_wrong_resolution_is_refused(tiny):

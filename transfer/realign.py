@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from adpo.lvlm import LlavaView
+from adpo.lvlm import LlavaView, find_projector
 from adpo.preprocess import to_pixels
 from transfer.verify import Sample
 
@@ -29,13 +29,6 @@ class RealignConfig:
     seed: int = 0
 
 
-def projector_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
-    if projector is None:
-        raise ValueError(f"{type(model).__name__} has no multi_modal_projector; projector re-alignment needs a LLaVA-style model")
-    return list(projector.parameters())
-
-
 def realign_projector(model: Any, processor: Any, samples: Sequence[Sample], config: RealignConfig) -> dict:
     """Fine-tune only ``model``'s projector on the samples' captions (in place); returns training statistics.
 
@@ -47,7 +40,7 @@ def realign_projector(model: Any, processor: Any, samples: Sequence[Sample], con
     if config.steps <= 0:
         raise ValueError(f"steps must be > 0, got {config.steps}")
     view = LlavaView(model, processor)
-    trainable = projector_parameters(model)
+    trainable = list(find_projector(model).parameters())
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
