@@ -12,7 +12,7 @@ from transfer.cli import main
 from transfer.graft import component_hashes
 from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file
 from transfer.realign import RealignConfig, realign_projector
-from transfer.verify import Sample, answer_agreement, robust_vqa_accuracy
+from transfer.verify import Sample, answer_agreement, feature_shift, robust_vqa_accuracy
 
 
 def write_lvlm(model, processor, path):
@@ -49,6 +49,9 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     assert verification["tower_cosine_llm_features_min"] > 0.9999
     assert verification["num_samples"] == 4 and 0.0 <= verification["answer_agreement_exact"] <= 1.0
     assert "no reference answers" in verification["grafted_robust_note"]  # an image folder has no answers
+    # the feature shift is measured with the target's projector on both towers, which differ here
+    assert "eps=4/255" in verification["grafted_feature_shift_threat"]
+    assert 0 < verification["original_feature_shift_mean"] != verification["grafted_feature_shift_mean"] > 0
     assert "Geometry checks" in (out / "graft_report.md").read_text()
     LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
@@ -139,6 +142,22 @@ def test_robust_accuracy_never_exceeds_clean():
     result = robust_vqa_accuracy(model, processor, samples, "8/255", steps=2, max_new_tokens=2)
     assert result["num_samples"] == 2
     assert 0.0 <= result["vqa_accuracy_robust"] <= result["vqa_accuracy_clean"] <= 1.0
+
+
+def test_feature_shift_grows_with_eps_and_vanishes_for_an_encoder_that_ignores_its_input():
+    model, processor = tiny_llava(seed=6)
+    images = to_uint8_images(random_pixels(3, seed=2))
+    small = feature_shift(model, processor, images, "2/255", steps=3)
+    large = feature_shift(model, processor, images, "16/255", steps=3)
+    assert 0 < small["feature_shift_mean"] < large["feature_shift_mean"]
+    assert small["feature_shift_max"] >= small["feature_shift_mean"] and "linf eps=2/255" in small["feature_shift_threat"]
+    assert feature_shift(model, processor, images, "2/255", steps=3) == small  # seeded
+    before = component_hashes(model)
+    with torch.no_grad():  # without patch weights every image embeds as the same position and class tokens
+        find_vision_tower(model).embeddings.patch_embedding.weight.zero_()
+    blind = feature_shift(model, processor, images, "16/255", steps=3)
+    assert blind["feature_shift_mean"] == 0.0
+    assert component_hashes(model)["projector"] == before["projector"]  # the attack trains nothing
 
 
 def test_realign_trains_only_the_projector_and_lowers_caption_loss():

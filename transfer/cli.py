@@ -41,8 +41,12 @@ class TransferConfig:
     verify_samples: int = field(default=32, metadata={"help": "number of images to verify on"})
     max_new_tokens: int = 16
     batch_size: int = 8
+    feature_shift_eps: str | None = field(default="4/255", metadata={
+        "help": "measure how far a feature-space attack in this eps ball moves the projector's output, before and after "
+                "the graft (cheap: tower and projector only); empty to skip"})
+    feature_shift_steps: int = 10
     robust_eps: str | None = field(default=None, metadata={"help": "also measure robust VQA accuracy at this eps (e.g. 4/255)"})
-    robust_norm: str = "linf"
+    robust_norm: str = field(default="linf", metadata={"help": "the ball of the robust and feature-shift measures: linf or l2"})
     robust_steps: int = 10
     # projector re-alignment (reported separately; saved to its own directory)
     realign_out: str | None = field(default=None, metadata={"help": "also save a projector-re-aligned copy here"})
@@ -90,7 +94,8 @@ def transfer(config: TransferConfig) -> int:
     from transfer.geometry import GraftOptions
     from transfer.graft import check_donor, ensure_writable, graft_encoder, grafted_summary, load_donor, save_grafted
     from transfer.realign import RealignConfig, realign_projector
-    from transfer.verify import answer_agreement, donor_view, generate_answers, load_samples, robust_vqa_accuracy, tower_agreement
+    from transfer.verify import (answer_agreement, donor_view, feature_shift, generate_answers, load_samples,
+                                 robust_vqa_accuracy, tower_agreement)
 
     out = Path(config.out)
     if config.realign_out and not config.realign_data:
@@ -117,9 +122,13 @@ def transfer(config: TransferConfig) -> int:
     robust = dict(eps=config.robust_eps, steps=config.robust_steps, norm=config.robust_norm,
                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
     samples = load_samples(config.verify_data, config.verify_samples) if config.verify_data else []
-    original_answers, robust_before = [], None
+    shift = dict(eps=config.feature_shift_eps, steps=config.feature_shift_steps, norm=config.robust_norm,
+                 batch_size=config.batch_size, seed=config.seed)
+    original_answers, robust_before, shift_before = [], None, None
     if samples:
         original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers")
+        if config.feature_shift_eps:
+            shift_before = feature_shift(model, processor, [s.image for s in samples], **shift)
         if config.robust_eps:
             robust_before = robust_vqa_accuracy(model, processor, samples, **robust)
 
@@ -129,6 +138,9 @@ def transfer(config: TransferConfig) -> int:
     def verification() -> dict:
         grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
         section = answer_agreement(original_answers, grafted, samples)
+        if config.feature_shift_eps:
+            after = feature_shift(model, processor, [s.image for s in samples], **shift)
+            section |= {f"original_{k}": v for k, v in shift_before.items()} | {f"grafted_{k}": v for k, v in after.items()}
         if config.robust_eps:
             after = robust_vqa_accuracy(model, processor, samples, **robust)
             section |= {f"original_{k}": v for k, v in robust_before.items()} | {f"grafted_{k}": v for k, v in after.items()}

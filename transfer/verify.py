@@ -5,6 +5,9 @@
   (position interpolation changes the resolution, so only the pooled embedding is compared then).
 * Answer agreement: greedy answers of the original target vs the grafted model, and VQA accuracy of
   both when reference answers exist.
+* Feature shift: how far a feature-space attack in an ℓp ball moves what the target's LLM reads (the
+  projector's output), before and after the graft. A robust encoder transfers only by holding its
+  features still; one that leaves the shift where the original had it gives the target nothing to inherit.
 * Optional robust accuracy: APGD on the LM loss of the reference answer in an ℓp ball, then VQA
   accuracy of the answer to the adversarial image.
 """
@@ -18,9 +21,13 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from adpo.attacks import pgd
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
-from adpo.lvlm import LlavaView, VisionTower, cosine_similarity
+from adpo.eval.protocol import eps_label
+from adpo.lvlm import LlavaView, VisionTower, cosine_similarity, find_projector
+from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import image_processor_of, to_pixels
+from adpo.threat import ThreatModel, parse_eps
 from adpo.sources import open_source
 
 DEFAULT_QUESTION = "What is in the image?"
@@ -100,6 +107,35 @@ def tower_agreement(donor_tower: VisionTower, grafted_tower: VisionTower, images
         result["tower_cosine_note"] = (f"resolutions differ ({donor_tower.image_size} vs {grafted_tower.image_size} px, "
                                        "positions interpolated): only the pooled embedding compared")
     return result
+
+
+def feature_shift(model: Any, processor: Any, images: Sequence[Any], eps: str, steps: int = 10, norm: str = "linf",
+                  batch_size: int = 8, seed: int = 0) -> dict:
+    """How far a feature-space attack moves what ``model``'s LLM reads: PGD on the FARE objective, with the
+    projector's output P(φ(x)) on the clean image as the reference, then ‖P(φ(x')) − P(φ(x))‖ / ‖P(φ(x))‖ per
+    image (mean and max). Measured on the target before and after a graft, with the target's projector both times."""
+    tower = VisionTower.from_lvlm(model, processor)
+    projector = find_projector(model)
+    device = next(projector.parameters()).device
+    threat = ThreatModel(norm=norm, eps=parse_eps(eps))
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def llm_input(pixels: torch.Tensor) -> torch.Tensor:
+        return projector(tower.features(pixels))
+
+    shifts = []
+    for _, batch in tqdm(list(_batches(images, batch_size)), desc="feature shift", leave=False):
+        pixels = to_pixels(batch, processor).to(device)
+        with torch.no_grad():
+            clean = llm_input(pixels)
+        objective = EmbeddingDistance(llm_input, clean, modules=[tower, projector])
+        x_adv = pgd(objective, pixels, threat, steps, generator=generator).x_adv
+        with torch.no_grad():
+            moved = llm_input(x_adv)
+        shifts.append(((moved - clean).float().flatten(1).norm(dim=1) / clean.float().flatten(1).norm(dim=1)).cpu())
+    shift = torch.cat(shifts)
+    return {"feature_shift_threat": f"{norm} eps={eps_label(threat.eps)}, PGD {steps} steps on the projector's output",
+            "feature_shift_mean": shift.mean().item(), "feature_shift_max": shift.max().item()}
 
 
 def generate_answers(model: Any, processor: Any, samples: Sequence[Sample], max_new_tokens: int = 16,
