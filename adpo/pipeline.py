@@ -14,6 +14,7 @@ themselves resume (pair shards, trainer checkpoints) or rewrite their outputs at
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -207,9 +208,40 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             # each encoder against the undefended model on the same LVLM, question by question
             baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
             _adpo(["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, "--out", str(staging)])
+            section = feature_shift_section(out / "transfer", config.methods) if config.eval_large else None
+            if section:
+                with open(staging / "compare.md", "a", encoding="utf-8") as markdown:
+                    markdown.write("\n" + section)
 
     stages.append(Stage("report", report_dir, run_report))
     return stages
+
+
+def feature_shift_section(transfer_dir: Path, methods: list[str]) -> str | None:
+    """A markdown section with the transfer stage's feature shift of each encoder on the large LVLM's projector
+    (None when the transfers measured none): whether an encoder holds still the features the large LVLM reads."""
+    measured = {}
+    for method in methods:
+        path = transfer_dir / method / "model" / "graft_report.json"
+        verification = json.loads(path.read_text()).get("verification", {}) if path.exists() else {}
+        if "grafted_feature_shift_mean" in verification:
+            measured[method] = verification
+    if not measured:
+        return None
+    first = next(iter(measured.values()))
+    lines = [
+        "## Feature shift on the large LVLM's projector (transfer stage)",
+        "",
+        f"How far an attack on the features moves what the large LVLM's language model reads, relative to its clean "
+        f"value, on the transfer stage's {first['num_samples']} verification images ({first['grafted_feature_shift_threat']}). "
+        "The large LVLM inherits robustness from an encoder only where this falls below the original's.",
+        "",
+        "| Encoder | mean | max |",
+        "|---|---|---|",
+        f"| original | {first['original_feature_shift_mean']:.3f} | {first['original_feature_shift_max']:.3f} |",
+    ]
+    lines += [f"| {method} | {v['grafted_feature_shift_mean']:.3f} | {v['grafted_feature_shift_max']:.3f} |" for method, v in measured.items()]
+    return "\n".join(lines) + "\n"
 
 
 def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Path:

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -46,6 +49,29 @@ def test_report_compares_each_encoder_with_the_undefended_model_of_its_own_lvlm(
     assert names == stage_names == ["original (small)", "fare (small)", "adpo (small)", "original (large)", "fare (large)", "adpo (large)"]
     baselines = [compare[i + 1] for i, arg in enumerate(compare) if arg == "--baseline"]
     assert baselines == ["original (small)", "original (large)"]
+
+
+def test_report_adds_the_transfer_stage_feature_shift_of_each_encoder(tmp_path, monkeypatch):
+    shifts = {"fare": 0.3, "adpo": 0.6}
+
+    def fake_adpo(argv):
+        if argv[0] == "transfer":
+            stage = yaml.safe_load(open(argv[argv.index("--config") + 1]))
+            method = stage["encoder"].split("/train/")[1].split("/")[0]
+            model_dir = Path(stage["out"])
+            model_dir.mkdir(parents=True)
+            verification = {"num_samples": 16, "original_feature_shift_mean": 0.6, "original_feature_shift_max": 1.0,
+                            "grafted_feature_shift_threat": "linf eps=4/255", "grafted_feature_shift_mean": shifts[method],
+                            "grafted_feature_shift_max": 2 * shifts[method]}
+            (model_dir / "graft_report.json").write_text(json.dumps({"verification": verification}))
+        elif argv[:2] == ["eval", "compare"]:
+            (Path(argv[argv.index("--out") + 1]) / "compare.md").write_text("# compare\n")
+
+    monkeypatch.setattr(pipeline, "_adpo", fake_adpo)
+    report = pipeline.run_pipeline(_config(tmp_path))
+    text = (report / "compare.md").read_text()
+    assert text.startswith("# compare\n") and "16 verification images (linf eps=4/255)" in text
+    assert text.endswith("| original | 0.600 | 1.000 |\n| fare | 0.300 | 0.600 |\n| adpo | 0.600 | 1.200 |\n")
 
 
 def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeypatch):
