@@ -64,13 +64,15 @@ def test_cli_interpolated_graft_compares_pooled_embeddings_at_each_resolution(tm
     save_encoder(CLIPVisionModel(tiny_vision_config(image_size=32)), tmp_path / "encoder")  # no preprocessor config
     target = write_lvlm(model, processor, tmp_path / "target")
     argv = ["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(tmp_path / "g"),
-            "--interpolate-positions", "--verify-data", image_folder(tmp_path / "images", n=2), "--max-new-tokens", "2"]
+            "--interpolate-positions", "--verify-data", image_folder(tmp_path / "images", n=2), "--max-new-tokens", "2",
+            "--feature-shift-eps", ""]
     assert main(argv) == 0
     report = json.loads((tmp_path / "g" / "graft_report.json").read_text())
     statuses = {c["name"]: c["status"] for c in report["graft"]["checks"]}
     assert statuses["image size / positions"] == "fixed" and statuses["normalisation"] == "assumed"
     assert -1.0 <= report["verification"]["tower_cosine_pooled_min"] <= 1.0
     assert "32 vs 48 px" in report["verification"]["tower_cosine_note"]
+    assert not any("feature_shift" in key for key in report["verification"])  # skipped on request
 
 
 def test_cli_check_only_reports_mismatch_with_exit_code(tmp_path, capsys):
@@ -119,6 +121,7 @@ def test_cli_realignment_is_saved_and_reported_separately(tmp_path):
     plain = json.loads((tmp_path / "plain" / "graft_report.json").read_text())
     realigned = json.loads((tmp_path / "realigned" / "graft_report.json").read_text())
     assert "realignment" not in plain and plain["verification"]["answer_agreement_exact"] == 1.0  # identity graft
+    assert plain["verification"]["grafted_feature_shift_mean"] == plain["verification"]["original_feature_shift_mean"]
     assert realigned["realignment"]["steps"] == 3 and "answer_agreement_exact" in realigned["realignment"]
     assert realigned["verification"] == plain["verification"]
     assert "Projector re-alignment" in (tmp_path / "realigned" / "graft_report.md").read_text()

@@ -43,7 +43,7 @@ class TransferConfig:
     batch_size: int = 8
     feature_shift_eps: str | None = field(default="4/255", metadata={
         "help": "measure how far a feature-space attack in this eps ball moves the projector's output, before and after "
-                "the graft (cheap: tower and projector only); empty to skip"})
+                "the graft (cheap: tower and projector only); \"\" or null in YAML skips it"})
     feature_shift_steps: int = 10
     robust_eps: str | None = field(default=None, metadata={"help": "also measure robust VQA accuracy at this eps (e.g. 4/255)"})
     robust_norm: str = field(default="linf", metadata={"help": "the ball of the robust and feature-shift measures: linf or l2"})
@@ -139,8 +139,8 @@ def transfer(config: TransferConfig) -> int:
         grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
         section = answer_agreement(original_answers, grafted, samples)
         if config.feature_shift_eps:
-            after = feature_shift(model, processor, [s.image for s in samples], **shift)
-            section |= {f"original_{k}": v for k, v in shift_before.items()} | {f"grafted_{k}": v for k, v in after.items()}
+            shift_after = feature_shift(model, processor, [s.image for s in samples], **shift)
+            section |= {f"original_{k}": v for k, v in shift_before.items()} | {f"grafted_{k}": v for k, v in shift_after.items()}
         if config.robust_eps:
             after = robust_vqa_accuracy(model, processor, samples, **robust)
             section |= {f"original_{k}": v for k, v in robust_before.items()} | {f"grafted_{k}": v for k, v in after.items()}

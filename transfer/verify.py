@@ -27,8 +27,8 @@ from adpo.eval.protocol import eps_label
 from adpo.lvlm import LlavaView, VisionTower, cosine_similarity, find_projector
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import image_processor_of, to_pixels
-from adpo.threat import ThreatModel, parse_eps
 from adpo.sources import open_source
+from adpo.threat import ThreatModel, parse_eps
 
 DEFAULT_QUESTION = "What is in the image?"
 
