@@ -208,17 +208,18 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             # each encoder against the undefended model on the same LVLM, question by question
             baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
             _adpo(["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, "--out", str(staging)])
-            section = feature_shift_section(out / "transfer", config.methods) if config.eval_large else None
-            if section:
+            shifts = feature_shifts(out / "transfer", config.methods) if config.eval_large else None
+            if shifts:
+                write_json_atomic(staging / "feature_shift.json", shifts)
                 with open(staging / "compare.md", "a", encoding="utf-8") as markdown:
-                    markdown.write("\n" + section)
+                    markdown.write("\n" + feature_shift_section(shifts))
 
     stages.append(Stage("report", report_dir, run_report))
     return stages
 
 
-def feature_shift_section(transfer_dir: Path, methods: list[str]) -> str | None:
-    """A markdown section with the transfer stage's feature shift of each encoder on the large LVLM's projector
+def feature_shifts(transfer_dir: Path, methods: list[str]) -> dict | None:
+    """The transfer stage's feature shift on the large LVLM's projector, for the original tower and each encoder
     (None when the transfers measured none): whether an encoder holds still the features the large LVLM reads."""
     measured = {}
     for method in methods:
@@ -229,18 +230,24 @@ def feature_shift_section(transfer_dir: Path, methods: list[str]) -> str | None:
     if not measured:
         return None
     first = next(iter(measured.values()))
+    rows = {ORIGINAL: {"mean": first["original_feature_shift_mean"], "max": first["original_feature_shift_max"]}}
+    rows |= {m: {"mean": v["grafted_feature_shift_mean"], "max": v["grafted_feature_shift_max"]} for m, v in measured.items()}
+    return {"threat": first["grafted_feature_shift_threat"], "num_images": first["num_samples"], "shift": rows}
+
+
+def feature_shift_section(shifts: dict) -> str:
+    """:func:`feature_shifts` as a markdown section for the report."""
     lines = [
         "## Feature shift on the large LVLM's projector (transfer stage)",
         "",
         f"How far an attack on the features moves what the large LVLM's language model reads, relative to its clean "
-        f"value, on the transfer stage's {first['num_samples']} verification images ({first['grafted_feature_shift_threat']}). "
+        f"value, on the transfer stage's {shifts['num_images']} verification images ({shifts['threat']}). "
         "The large LVLM inherits robustness from an encoder only where this falls below the original's.",
         "",
         "| Encoder | mean | max |",
         "|---|---|---|",
-        f"| original | {first['original_feature_shift_mean']:.3f} | {first['original_feature_shift_max']:.3f} |",
     ]
-    lines += [f"| {method} | {v['grafted_feature_shift_mean']:.3f} | {v['grafted_feature_shift_max']:.3f} |" for method, v in measured.items()]
+    lines += [f"| {name} | {row['mean']:.3f} | {row['max']:.3f} |" for name, row in shifts["shift"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,8 @@ def test_report_adds_the_transfer_stage_feature_shift_of_each_encoder(tmp_path, 
     text = (report / "compare.md").read_text()
     assert text.startswith("# compare\n") and "16 verification images (linf eps=4/255)" in text
     assert text.endswith("| original | 0.600 | 1.000 |\n| fare | 0.300 | 0.600 |\n| adpo | 0.600 | 1.200 |\n")
+    table = json.loads((report / "feature_shift.json").read_text())
+    assert table["num_images"] == 16 and table["shift"]["fare"] == {"mean": 0.3, "max": 0.6}
 
 
 def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeypatch):
