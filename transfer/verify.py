@@ -116,12 +116,13 @@ def feature_shift(model: Any, processor: Any, images: Sequence[Any], eps: str, s
     image (mean and max). Measured on the target before and after a graft, with the target's projector both times."""
     tower = VisionTower.from_lvlm(model, processor)
     projector = find_projector(model)
-    device = next(projector.parameters()).device
+    device = next(tower.encoder.parameters()).device
+    projector_device = next(projector.parameters()).device  # differs when a device map splits the model
     threat = ThreatModel(norm=norm, eps=parse_eps(eps))
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def llm_input(pixels: torch.Tensor) -> torch.Tensor:
-        return projector(tower.features(pixels))
+        return projector(tower.features(pixels).to(projector_device))
 
     shifts = []
     for _, batch in tqdm(list(_batches(images, batch_size)), desc="feature shift", leave=False):
