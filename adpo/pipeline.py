@@ -6,9 +6,11 @@ original and every encoder on both LVLMs, clean and under attack → one compari
 Every stage is an ordinary ``adpo`` subcommand run with a config file that this module writes into the
 stage's own directory (``<output_dir>/<stage>/stage_config.yaml``: the stage's base config from
 ``configs/`` merged with the pipeline's overrides), so any stage can be re-run by hand exactly as the
-pipeline ran it. A stage that finished leaves ``STAGE_DONE.json``; a rerun skips it (``--force`` redoes
-everything, ``--force-stage NAME`` one stage). A stage killed half-way is simply run again: the stages
-themselves resume (pair shards, trainer checkpoints) or rewrite their outputs atomically.
+pipeline ran it. A stage that finished leaves ``STAGE_DONE.json``, which records its settings (that merged
+config) and which run of each input stage it read; a rerun skips it while both still hold, and redoes it from
+scratch when either changed: an edited config, or an input stage redone since. ``--force`` redoes everything,
+``--force-stage NAME`` one stage. A stage killed half-way is simply run again: the stages themselves resume
+(pair shards, trainer checkpoints) or rewrite their outputs atomically, unless its settings changed meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +31,7 @@ import yaml
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
 
 DONE_MARKER = "STAGE_DONE.json"
+RUNNING_MARKER = "STAGE_RUNNING.json"  # written when a stage starts, removed when it finishes
 ORIGINAL = "original"
 METHODS = ("fare", "tecoa", "simclip", "adpo")
 
@@ -88,9 +92,14 @@ class PipelineConfig:
 
 @dataclass
 class Stage:
+    """One step of the pipeline. ``settings`` is everything its outputs depend on besides the outputs of its
+    ``inputs`` (the names of the stages it reads); ``run`` does the work."""
+
     name: str
     directory: Path
+    settings: dict[str, Any]
     run: Callable[[], None]
+    inputs: tuple[str, ...] = ()
 
 
 def _repo_root() -> Path:
@@ -108,10 +117,22 @@ def _load_base(spec: StageSpec) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _stage_config(directory: Path, spec: StageSpec, pipeline_keys: dict[str, Any]) -> Path:
+def _merged_config(spec: StageSpec, pipeline_keys: dict[str, Any]) -> dict[str, Any]:
     # Precedence: base config < pipeline-derived keys (paths, models, seed) < the user's explicit overrides.
-    merged = {**_load_base(spec), **pipeline_keys, **spec.overrides}
-    return write_yaml_atomic(directory / "stage_config.yaml", merged)
+    return {**_load_base(spec), **pipeline_keys, **spec.overrides}
+
+
+def _command_stage(name: str, directory: Path, command: list[str], settings: dict[str, Any], inputs: tuple[str, ...] = (),
+                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Stage:
+    """A stage that runs ``adpo COMMAND --config <directory>/stage_config.yaml``. ``resolve`` fills in, when the
+    stage runs, what only its inputs' outputs tell (where a trainer put its encoder)."""
+
+    def run() -> None:
+        config = resolve(dict(settings)) if resolve else settings
+        path = write_yaml_atomic(directory / "stage_config.yaml", config)
+        _adpo([*command, "--config", str(path)])
+
+    return Stage(name, directory, settings, run, inputs)
 
 
 def _adpo(argv: list[str]) -> None:
@@ -140,81 +161,77 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     pairs_dir = out / "pairs"
     if "adpo" in config.methods:
-        def run_pairs() -> None:
-            path = _stage_config(pairs_dir, config.pairs, {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed, **eps_keys})
-            _adpo(["pairs", "--config", str(path)])
-
-        stages.append(Stage("pairs", pairs_dir, run_pairs))
+        keys = {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed, **eps_keys}
+        stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
 
     for method in config.methods:
         train_dir = out / "train" / method
         keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
+        inputs: tuple[str, ...] = ()
         if method == "adpo":
             # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
             # base config says (the world's standalone WorldCLIP, whose vision tower the LVLMs share).
             keys.update(model_name_or_path=config.small_model, dataset_path=str(pairs_dir / "run" / "dataset"))
+            inputs = ("pairs",)
             if config.eps is not None:
                 keys["attack_eps"] = config.eps
         else:
             keys.update(eps_keys)
+        stages.append(_command_stage(f"train-{method}", train_dir, ["train", method], _merged_config(config.train[method], keys), inputs))
 
-        def run_train(method: str = method, train_dir: Path = train_dir, keys: dict = keys) -> None:
-            path = _stage_config(train_dir, config.train[method], keys)
-            _adpo(["train", method, "--config", str(path)])
-
-        stages.append(Stage(f"train-{method}", train_dir, run_train))
-
-    def trained_encoder(method: str) -> Path:
-        return encoder_dir(out / "train" / method / "run")
+    def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
+            return stage_config | {"encoder": str(encoder_dir(out / "train" / method / "run"))}
+        return resolve
 
     if config.eval_large:
         for method in config.methods:
             transfer_dir = out / "transfer" / method
-
-            def run_transfer(method: str = method, transfer_dir: Path = transfer_dir) -> None:
-                path = _stage_config(transfer_dir, config.transfer, {"encoder": str(trained_encoder(method)), "target": config.large_model, "out": str(transfer_dir / "model"), "overwrite": True})
-                _adpo(["transfer", "--config", str(path)])
-
-            stages.append(Stage(f"transfer-{method}", transfer_dir, run_transfer))
+            keys = {"encoder": str(out / "train" / method / "run"), "target": config.large_model, "out": str(transfer_dir / "model"), "overwrite": True}
+            stages.append(_command_stage(f"transfer-{method}", transfer_dir, ["transfer"], _merged_config(config.transfer, keys),
+                                         (f"train-{method}",), with_trained_encoder(method)))
 
     sizes = [("small", config.small_model)] + ([("large", config.large_model)] if config.eval_large else [])
     report_dirs: list[Path] = []
     report_names: list[str] = []
+    eval_stages: list[str] = []
     for size, base_model in sizes:
         for method in [ORIGINAL, *config.methods]:
             eval_dir = out / "eval" / f"{size}-{method}"
             report_dirs.append(eval_dir / "report")
             report_names.append(_eval_name(method, size))
-
-            def run_eval(size: str = size, base_model: str = base_model, method: str = method, eval_dir: Path = eval_dir) -> None:
-                keys: dict[str, Any] = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": _eval_name(method, size)}
-                if method == ORIGINAL:
-                    keys.update(model=base_model, encoder=None)
-                elif size == "small":
-                    keys.update(model=base_model, encoder=str(trained_encoder(method)))
-                else:  # the large LVLM after transfer: the grafted model directory
-                    keys.update(model=str(out / "transfer" / method / "model"), encoder=None)
-                if config.eps is not None:
-                    keys["eps"] = [config.eps]
-                path = _stage_config(eval_dir, config.eval, keys)
-                _adpo(["eval", "--config", str(path)])
-
-            stages.append(Stage(f"eval-{size}-{method}", eval_dir, run_eval))
+            keys = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": _eval_name(method, size)}
+            inputs, resolve = (), None
+            if method == ORIGINAL:
+                keys.update(model=base_model, encoder=None)
+            elif size == "small":
+                keys.update(model=base_model, encoder=str(out / "train" / method / "run"))
+                inputs, resolve = (f"train-{method}",), with_trained_encoder(method)
+            else:  # the large LVLM after transfer: the grafted model directory
+                keys.update(model=str(out / "transfer" / method / "model"), encoder=None)
+                inputs = (f"transfer-{method}",)
+            if config.eps is not None:
+                keys["eps"] = [config.eps]
+            name = f"eval-{size}-{method}"
+            stages.append(_command_stage(name, eval_dir, ["eval"], _merged_config(config.eval, keys), inputs, resolve))
+            eval_stages.append(name)
 
     report_dir = out / "report"
+    # each encoder against the undefended model on the same LVLM, question by question
+    baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
+    compare = ["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines]
 
     def run_report() -> None:
         with atomic_directory(report_dir) as staging:
-            # each encoder against the undefended model on the same LVLM, question by question
-            baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
-            _adpo(["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, "--out", str(staging)])
+            _adpo([*compare, "--out", str(staging)])
             shifts = feature_shifts(out / "transfer", config.methods) if config.eval_large else None
             if shifts:
                 write_json_atomic(staging / "feature_shift.json", shifts)
                 with open(staging / "compare.md", "a", encoding="utf-8") as markdown:
                     markdown.write("\n" + feature_shift_section(shifts))
 
-    stages.append(Stage("report", report_dir, run_report))
+    transfers = tuple(f"transfer-{m}" for m in config.methods) if config.eval_large else ()
+    stages.append(Stage("report", report_dir, {"compare": compare}, run_report, (*eval_stages, *transfers)))
     return stages
 
 
@@ -251,6 +268,68 @@ def feature_shift_section(shifts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _as_recorded(value: Any, output_dir: Path) -> Any:
+    """``value`` as a JSON record holds it, with paths inside the output directory written relative to it: the
+    same settings compare equal however the directory is spelled, or after it moved."""
+    if isinstance(value, dict):
+        return {str(key): _as_recorded(item, output_dir) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_recorded(item, output_dir) for item in value]
+    if isinstance(value, str) and Path(value).is_relative_to(output_dir):
+        return "{output_dir}/" + Path(value).relative_to(output_dir).as_posix()
+    return json.loads(json.dumps(value, default=str))
+
+
+def _record(stage: Stage, finished: dict[str, dict | None], output_dir: Path) -> dict[str, Any]:
+    """What ``stage`` runs with now: its settings, and the run of each input stage it reads."""
+    return {"settings": _as_recorded(stage.settings, output_dir), "inputs": {name: (finished.get(name) or {}).get("run_id") for name in stage.inputs}}
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    if key not in settings:
+        return "unset"
+    text = json.dumps(settings[key], default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """Why a stage that ran as ``record`` says does not give what ``wanted`` (see :func:`_record`) asks for;
+    None when it does."""
+    if "settings" not in record:
+        return "it was run by an older adpo that did not record its settings"
+    old, new = record["settings"], wanted["settings"]
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key, ...) != new.get(key, ...))
+    if changed:
+        shown = "; ".join(f"{key}: {_shown(old, key)} -> {_shown(new, key)}" for key in changed[:3])
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"its settings changed ({shown}{more})"
+    for name, run_id in wanted["inputs"].items():
+        if record.get("inputs", {}).get(name) != run_id:
+            return f"its input stage {name} was redone since"
+    return None
+
+
+def _decide(stage: Stage, finished: dict[str, dict | None], redone: set[str], forced: bool, output_dir: Path) -> tuple[str, str | None]:
+    """``("skip" | "run" | "redo", why)``: a finished stage whose record still holds is skipped; a stage never
+    finished runs and resumes what it left; a forced or outdated stage is redone from an empty directory."""
+    if forced:
+        return "redo", "forced"
+    done = finished[stage.name]
+    # not finished: killed half-way (resumed only if started with the same settings and inputs) or never started
+    started = done or _read_record(stage.directory / RUNNING_MARKER)
+    if started is None:
+        return "run", None
+    upstream = next((name for name in stage.inputs if name in redone), None)
+    reason = f"its input stage {upstream} is redone" if upstream else why_outdated(started, _record(stage, finished, output_dir))
+    if reason:
+        return "redo", reason
+    return ("skip", None) if done else ("run", None)
+
+
 def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Path:
     stages = build_stages(config)
     names = [stage.name for stage in stages]
@@ -259,27 +338,35 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
             raise ValueError(f"unknown stage {name!r}; stages are {names}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    finished = {stage.name: _read_record(stage.directory / DONE_MARKER) for stage in stages}
     timings: dict[str, float] = {}
     started = time.perf_counter()
     for index, stage in enumerate(stages, 1):
         if only and stage.name not in only:
             continue
-        marker = stage.directory / DONE_MARKER
         prefix = f"[adpo run {index}/{len(stages)}] {stage.name}"
-        if marker.exists() and not force and stage.name not in force_stages:
-            print(f"{prefix}: done earlier, skipped ({marker})", flush=True)
+        action, reason = _decide(stage, finished, set(timings), force or stage.name in force_stages, out)
+        if action == "skip":
+            print(f"{prefix}: done earlier, skipped ({stage.directory / DONE_MARKER})", flush=True)
             continue
-        if force or stage.name in force_stages:
-            # Redo means from scratch: a stage resumes whatever it finds (pair shards, checkpoints), and
-            # those may come from other settings or since-rebuilt models.
+        if action == "redo":
+            # From scratch: a stage resumes whatever it finds (pair shards, checkpoints), and those were made
+            # with other settings or inputs.
             shutil.rmtree(stage.directory, ignore_errors=True)
-        print(f"{prefix}: running", flush=True)
-        marker.unlink(missing_ok=True)
+            print(f"{prefix}: redoing from scratch, {reason}", flush=True)
+        else:
+            print(f"{prefix}: running", flush=True)
+        wanted = _record(stage, finished, out)
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stage.directory / RUNNING_MARKER, wanted)
         stage_start = time.perf_counter()
         stage.run()
         timings[stage.name] = round(time.perf_counter() - stage_start, 1)
-        stage.directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(marker, {"stage": stage.name, "seconds": timings[stage.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        finished[stage.name] = {"stage": stage.name, "seconds": timings[stage.name], "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                "run_id": uuid.uuid4().hex, **wanted}
+        stage.directory.mkdir(parents=True, exist_ok=True)  # the report stage replaces its directory whole
+        write_json_atomic(stage.directory / DONE_MARKER, finished[stage.name])
+        (stage.directory / RUNNING_MARKER).unlink(missing_ok=True)
         print(f"{prefix}: finished in {timings[stage.name]:.0f} s", flush=True)
     total = round(time.perf_counter() - started, 1)
     write_json_atomic(out / "pipeline.json", {"stages": names, "seconds_this_run": timings, "total_seconds_this_run": total})
@@ -287,26 +374,47 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
     return out / "report"
 
 
+def stage_states(config: PipelineConfig) -> list[tuple[Stage, str]]:
+    """Each stage and what a plain ``adpo run`` would do with it: ``done``, ``to do``, ``resumes`` (killed
+    half-way) or ``redo: <why>``."""
+    stages = build_stages(config)
+    finished = {stage.name: _read_record(stage.directory / DONE_MARKER) for stage in stages}
+    redone: set[str] = set()
+    states = []
+    for stage in stages:
+        action, reason = _decide(stage, finished, redone, False, Path(config.output_dir))
+        if action == "skip":
+            state = "done"
+        elif action == "redo":
+            state = f"redo: {reason}"
+        else:
+            state = "resumes" if (stage.directory / RUNNING_MARKER).exists() else "to do"
+        if action != "skip":
+            redone.add(stage.name)
+        states.append((stage, state))
+    return states
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="adpo run",
         description="Run the whole pipeline (pairs -> AdPO/FARE/TeCoA -> transfer -> eval -> report) from one YAML "
-        "config. Finished stages are skipped on a rerun; each stage's config is written beside its outputs.",
+        "config. Finished stages are skipped on a rerun, unless their settings changed or a stage they read was "
+        "redone; each stage's config is written beside its outputs.",
     )
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/quickstart.yaml")
     parser.add_argument("--output-dir", help="override the config's output_dir")
     parser.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
     parser.add_argument("--force-stage", action="append", default=[], metavar="NAME", help="redo this stage (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
-    parser.add_argument("--list", action="store_true", help="list the stages and whether they are done, then exit")
+    parser.add_argument("--list", action="store_true", help="list the stages and what a rerun would do with each (done, to do, resumes, redo and why), then exit")
     args = parser.parse_args(argv)
     config = PipelineConfig.from_yaml(args.config)
     if args.output_dir:
         config.output_dir = args.output_dir
     if args.list:
-        for stage in build_stages(config):
-            state = "done" if (stage.directory / DONE_MARKER).exists() else "to do"
-            print(f"{stage.name:24s} {state:6s} {stage.directory}")
+        for stage, state in stage_states(config):
+            print(f"{stage.name:24s} {stage.directory}  {state}")
         return 0
     run_pipeline(config, force=args.force, force_stages=tuple(args.force_stage), only=tuple(args.only))
     return 0

@@ -7,13 +7,13 @@ import yaml
 from adpo import pipeline
 
 
-def _config(tmp_path, methods=("fare", "adpo")):
+def _config(tmp_path, methods=("fare", "adpo"), eval_samples=2):
     content = {
         "output_dir": str(tmp_path / "out"),
         "methods": list(methods),
         "pairs": {"overrides": {"max_images": 4}},
         "train": {m: {"overrides": {"max_steps": 1}} for m in methods},
-        "eval": {"overrides": {"num_samples": 2}},
+        "eval": {"overrides": {"num_samples": eval_samples}},
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(content))
@@ -98,7 +98,10 @@ def test_rerun_skips_finished_stages_and_resumes_after_a_crash(tmp_path, monkeyp
     pipeline.run_pipeline(config)
     assert calls == []
     pipeline.run_pipeline(config, force_stages=("train-fare",))
-    assert calls == [["train", "fare"]]
+    # the stages that read FARE's encoder are redone with it; nothing else is
+    assert calls == [["train", "fare"], ["transfer", "--config"], ["eval", "--config"], ["eval", "--config"], ["eval", "compare"]]
+    assert json.loads((tmp_path / "out/eval/large-fare/STAGE_DONE.json").read_text())["inputs"] == {
+        "transfer-fare": json.loads((tmp_path / "out/transfer/fare/STAGE_DONE.json").read_text())["run_id"]}
 
 
 def test_forced_stage_starts_from_an_empty_directory(tmp_path, monkeypatch):
@@ -119,6 +122,83 @@ def test_forced_stage_starts_from_an_empty_directory(tmp_path, monkeypatch):
     stale.mkdir(parents=True)
     pipeline.run_pipeline(config)  # not forced: finished stages and their files are left alone
     assert stale.exists()
+
+
+def _stage_of(argv):
+    """The stage directory an ``adpo`` call of the pipeline works in (from its --config path)."""
+    return Path(argv[argv.index("--config") + 1]).parent.name if "--config" in argv else "report"
+
+
+def test_a_changed_setting_redoes_the_stages_it_reaches_and_says_why(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: ran.append(_stage_of(argv)))
+    pipeline.run_pipeline(_config(tmp_path))
+    transfer_record = (tmp_path / "out/transfer/adpo/STAGE_DONE.json").read_text()
+    ran.clear()
+    capsys.readouterr()
+    report = pipeline.run_pipeline(_config(tmp_path, eval_samples=3))
+    # only the evaluations changed: the six eval stages and the report that reads them run again
+    assert ran == ["small-original", "small-fare", "small-adpo", "large-original", "large-fare", "large-adpo", "report"]
+    assert "eval-small-fare: redoing from scratch, its settings changed (num_samples: 2 -> 3)" in capsys.readouterr().out
+    assert (tmp_path / "out/transfer/adpo/STAGE_DONE.json").read_text() == transfer_record
+    assert yaml.safe_load((tmp_path / "out/eval/small-fare/stage_config.yaml").read_text())["num_samples"] == 3
+    assert report == tmp_path / "out/report"
+    ran.clear()
+    pipeline.run_pipeline(_config(tmp_path, eval_samples=3))
+    assert ran == []
+
+
+def test_the_same_output_directory_spelled_otherwise_or_moved_redoes_nothing(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: ran.append(argv))
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path)
+    config.output_dir = "out"
+    pipeline.run_pipeline(config)
+    assert len(ran) == 12
+    config.output_dir = str(tmp_path / "out")
+    pipeline.run_pipeline(config)
+    (tmp_path / "out").rename(tmp_path / "moved")
+    config.output_dir = "moved"
+    pipeline.run_pipeline(config)
+    assert len(ran) == 12
+
+
+def test_a_stage_killed_half_way_resumes_only_under_the_same_settings(tmp_path, monkeypatch):
+    seen = []
+
+    def killed_in_eval(argv):
+        if argv[0] == "eval" and _stage_of(argv) == "small-fare":
+            left = tmp_path / "out/eval/small-fare/report/partial"
+            seen.append(left.exists())
+            left.parent.mkdir(parents=True, exist_ok=True)
+            left.touch()
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(pipeline, "_adpo", killed_in_eval)
+    for samples in (2, 2, 3):
+        with pytest.raises(RuntimeError, match="killed"):
+            pipeline.run_pipeline(_config(tmp_path, eval_samples=samples))
+    # first run: nothing to resume; rerun with the same settings: resumes what was left; changed settings: a fresh start
+    assert seen == [False, True, False]
+    assert [state for _, state in pipeline.stage_states(_config(tmp_path, eval_samples=3))][5:8] == ["done", "resumes", "to do"]
+
+
+def test_list_says_what_a_rerun_would_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: None)
+    config = _config(tmp_path)
+    assert {state for _, state in pipeline.stage_states(config)} == {"to do"}
+    pipeline.run_pipeline(config)
+    assert {state for _, state in pipeline.stage_states(config)} == {"done"}
+    config.train["fare"].overrides["max_steps"] = 5
+    states = dict((stage.name, state) for stage, state in pipeline.stage_states(config))
+    assert states["train-fare"] == "redo: its settings changed (max_steps: 1 -> 5)"
+    assert states["transfer-fare"] == states["eval-small-fare"] == "redo: its input stage train-fare is redone"
+    assert states["report"].startswith("redo: its input stage eval-") and states["train-adpo"] == "done"
+    marker = tmp_path / "out/pairs/STAGE_DONE.json"
+    marker.write_text(json.dumps({"stage": "pairs", "seconds": 1.0}))  # left by an adpo before settings were recorded
+    assert dict((stage.name, state) for stage, state in pipeline.stage_states(config))["pairs"] == (
+        "redo: it was run by an older adpo that did not record its settings")
 
 
 def test_bad_pipeline_configs_name_the_problem(tmp_path):
