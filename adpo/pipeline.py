@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/quickstart.yaml")
     parser.add_argument("--output-dir", help="override the config's output_dir")
     parser.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
-    parser.add_argument("--force-stage", action="append", default=[], metavar="NAME", help="redo this stage (repeatable)")
+    parser.add_argument("--force-stage", action="append", default=[], metavar="NAME", help="redo this stage, and the stages that read it (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the stages and what a rerun would do with each (done, to do, resumes, redo and why), then exit")
     args = parser.parse_args(argv)
