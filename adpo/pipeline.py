@@ -297,7 +297,7 @@ def _shown(settings: dict[str, Any], key: str) -> str:
 
 
 def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-    """Why a stage that ran as ``record`` says does not give what ``wanted`` (see :func:`_record`) asks for;
+    """Why the stage run that ``record`` describes does not give what ``wanted`` (see :func:`_record`) asks for;
     None when it does."""
     if "settings" not in record:
         return "it was run by an older adpo that did not record its settings"
