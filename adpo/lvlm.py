@@ -81,15 +81,15 @@ def load_lvlm(
 def model_identity(name_or_path: str) -> str:
     """A short key that changes when the weights behind ``name_or_path`` change (for resume checks).
 
-    ``world:*``: the hashes of the shipped files the model is assembled from. A local directory: its
-    ``config.json`` plus the name, size and modification time of every weight file (hashing multi-GB
-    weights on every resume would cost minutes). A hub id: the id itself (a changed hub revision is not
-    detected).
+    ``world:*`` (``clip``, ``small``, ``large``): the hashes of the shipped files it is made from. A local
+    directory: its ``config.json`` plus the name, size and modification time of every weight file (hashing
+    multi-GB weights on every resume would cost minutes). A hub id: the id itself (a changed hub revision is
+    not detected).
     """
     if name_or_path.startswith(WORLD_PREFIX):
-        from adpo.world.lvlm import assembly_key
+        from adpo.world.lvlm import world_model_key
 
-        return f"world-{assembly_key(name_or_path[len(WORLD_PREFIX):])}"
+        return f"world-{world_model_key(name_or_path[len(WORLD_PREFIX):])}"
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         return f"hub-{name_or_path}"

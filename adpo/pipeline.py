@@ -7,8 +7,9 @@ Every stage is an ordinary ``adpo`` subcommand run with a config file that this 
 stage's own directory (``<output_dir>/<stage>/stage_config.yaml``: the stage's base config from
 ``configs/`` merged with the pipeline's overrides), so any stage can be re-run by hand exactly as the
 pipeline ran it. A stage that finished leaves ``STAGE_DONE.json``, which records its settings (that merged
-config) and which run of each input stage it read; a rerun skips it while both still hold, and redoes it from
-scratch when either changed: an edited config, or an input stage redone since. ``--force`` redoes everything,
+config), a key of the weights behind each model it names, and which run of each input stage it read; a rerun
+skips it while all still hold, and redoes it from scratch when one changed: an edited config, new weights under
+a model's name, or an input stage redone since. ``--force`` redoes everything,
 ``--force-stage NAME`` one stage. A stage killed half-way is simply run again: the stages themselves resume
 (pair shards, trainer checkpoints) or rewrite their outputs atomically, unless its settings changed meanwhile.
 """
@@ -33,6 +34,8 @@ from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
 DONE_MARKER = "STAGE_DONE.json"
 RUNNING_MARKER = "STAGE_RUNNING.json"  # written when a stage starts, removed when it finishes
 ORIGINAL = "original"
+# stage-config keys that name a model or encoder to load: a stage is redone when the weights behind one change
+MODEL_KEYS = ("model_name_or_path", "text_model_name_or_path", "model", "clip_model", "target", "encoder")
 METHODS = ("fare", "tecoa", "simclip", "adpo")
 
 
@@ -285,8 +288,14 @@ def _as_recorded(value: Any, output_dir: Path) -> Any:
 
 
 def _record(stage: Stage, finished: dict[str, dict | None], output_dir: Path) -> dict[str, Any]:
-    """What ``stage`` runs with now: its settings, and the run of each input stage it reads."""
-    return {"settings": _as_recorded(stage.settings, output_dir), "inputs": {name: (finished.get(name) or {}).get("run_id") for name in stage.inputs}}
+    """What ``stage`` runs with now: its settings, the weights behind each model they name, and the run of each
+    input stage it reads (models made inside the output directory are that stage's outputs)."""
+    from adpo.lvlm import model_identity
+
+    named = [stage.settings.get(key) for key in MODEL_KEYS]
+    models = sorted({name for name in named if isinstance(name, str) and not Path(name).is_relative_to(output_dir)})
+    return {"settings": _as_recorded(stage.settings, output_dir), "models": {name: model_identity(name) for name in models},
+            "inputs": {name: (finished.get(name) or {}).get("run_id") for name in stage.inputs}}
 
 
 def _shown(settings: dict[str, Any], key: str) -> str:
@@ -307,6 +316,9 @@ def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
         shown = "; ".join(f"{key}: {_shown(old, key)} -> {_shown(new, key)}" for key in changed[:3])
         more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         return f"its settings changed ({shown}{more})"
+    for name, identity in wanted["models"].items():
+        if record.get("models", {}).get(name) != identity:
+            return f"the weights behind {name} changed"
     for name, run_id in wanted["inputs"].items():
         if record.get("inputs", {}).get(name) != run_id:
             return f"its input stage {name} was redone since"

@@ -148,6 +148,22 @@ def test_a_changed_setting_redoes_the_stages_it_reaches_and_says_why(tmp_path, m
     assert ran == []
 
 
+def test_new_weights_behind_a_model_name_redo_the_stages_that_load_it(tmp_path, monkeypatch):
+    import adpo.lvlm
+
+    weights = {"world:small": "world-1", "world:large": "world-1"}
+    monkeypatch.setattr(adpo.lvlm, "model_identity", lambda name: weights[name])
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: None)
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config)
+    weights["world:large"] = "world-2"  # e.g. the large world LVLM rebuilt under the same name
+    states = dict((stage.name, state) for stage, state in pipeline.stage_states(config))
+    large = ["transfer-fare", "transfer-adpo", "eval-large-original"]
+    assert all(states[name] == "redo: the weights behind world:large changed" for name in large)
+    assert states["eval-large-fare"] == "redo: its input stage transfer-fare is redone"
+    assert all(states[name] == "done" for name in ["pairs", "train-fare", "train-adpo", "eval-small-original", "eval-small-adpo"])
+
+
 def test_the_same_output_directory_spelled_otherwise_or_moved_redoes_nothing(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(pipeline, "_adpo", lambda argv: ran.append(argv))

@@ -384,3 +384,19 @@ def test_build_runs_phase_2_then_the_annealing_continuation(monkeypatch, tmp_pat
     monkeypatch.setattr(build, "write_manifest", lambda out: None)
     assert main(["build", "--stages", "small", "--out", str(tmp_path), *argv]) == 0
     assert runs == expected
+
+
+def test_world_model_keys_change_with_the_shipped_files_each_model_is_made_of(tmp_path):
+    def keys(files):
+        (tmp_path / "manifest.json").write_text(json.dumps({"files": {k: {"sha256": v} for k, v in files.items()}}))
+        return {name: world_lvlm.world_model_key(name, tmp_path) for name in ("clip", "small", "large")}
+
+    files = {"clip/model.safetensors": "a", "small/projector.safetensors": "b", "large/projector.safetensors": "c"}
+    before = keys(files)
+    assert len(set(before.values())) == 3 and keys(files) == before
+    after_small = keys(files | {"small/projector.safetensors": "B"})
+    assert after_small["small"] != before["small"] and after_small["clip"] == before["clip"] and after_small["large"] == before["large"]
+    after_clip = keys(files | {"clip/model.safetensors": "A"})
+    assert all(after_clip[name] != before[name] for name in before)  # both LVLMs carry WorldCLIP's tower
+    with pytest.raises(ValueError, match="unknown world LVLM size"):
+        world_lvlm.world_model_key("medium", tmp_path)

@@ -277,6 +277,14 @@ def assembly_key(size: str, weights_dir: Path = WEIGHTS_DIR) -> str:
     return _assembly_key(size, read_manifest(weights_dir))
 
 
+def world_model_key(name: str, weights_dir: Path = WEIGHTS_DIR) -> str:
+    """Key of ``world:<name>`` (``clip``, ``small`` or ``large``) that changes when its shipped weights do."""
+    if name != "clip":
+        return assembly_key(name, weights_dir)
+    files = {k: v["sha256"] for k, v in read_manifest(weights_dir)["files"].items() if k.startswith("clip/")}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def assembled_cache_dir(size: str, weights_dir: Path = WEIGHTS_DIR) -> Path:
     return cache_root() / "lvlm" / f"{size}-{assembly_key(size, weights_dir)}"
 
