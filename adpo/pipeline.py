@@ -308,8 +308,8 @@ def _shown(settings: dict[str, Any], key: str) -> str:
 def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """Why the stage run that ``record`` describes does not give what ``wanted`` (see :func:`_record`) asks for;
     None when it does."""
-    if "settings" not in record:
-        return "it was run by an older adpo that did not record its settings"
+    if not {"settings", "models", "inputs"} <= record.keys():
+        return "it was run by an older adpo that did not record all it ran with"
     old, new = record["settings"], wanted["settings"]
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key, ...) != new.get(key, ...))
     if changed:
@@ -317,10 +317,10 @@ def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
         more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         return f"its settings changed ({shown}{more})"
     for name, identity in wanted["models"].items():
-        if record.get("models", {}).get(name) != identity:
+        if record["models"].get(name) != identity:
             return f"the weights behind {name} changed"
     for name, run_id in wanted["inputs"].items():
-        if record.get("inputs", {}).get(name) != run_id:
+        if record["inputs"].get(name) != run_id:
             return f"its input stage {name} was redone since"
     return None
 

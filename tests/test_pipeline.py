@@ -214,7 +214,7 @@ def test_list_says_what_a_rerun_would_do(tmp_path, monkeypatch):
     marker = tmp_path / "out/pairs/STAGE_DONE.json"
     marker.write_text(json.dumps({"stage": "pairs", "seconds": 1.0}))  # left by an adpo before settings were recorded
     assert dict((stage.name, state) for stage, state in pipeline.stage_states(config))["pairs"] == (
-        "redo: it was run by an older adpo that did not record its settings")
+        "redo: it was run by an older adpo that did not record all it ran with")
 
 
 def test_bad_pipeline_configs_name_the_problem(tmp_path):
