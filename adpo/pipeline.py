@@ -325,18 +325,18 @@ def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     return None
 
 
-def _decide(stage: Stage, finished: dict[str, dict | None], redone: set[str], forced: bool, output_dir: Path) -> tuple[str, str | None]:
-    """``("skip" | "run" | "redo", why)``: a finished stage whose record still holds is skipped; a stage never
-    finished runs and resumes what it left; a forced or outdated stage is redone from an empty directory."""
+def _decide(stage: Stage, wanted: dict[str, Any], done: dict[str, Any] | None, redone: set[str], forced: bool) -> tuple[str, str | None]:
+    """``("skip" | "run" | "redo", why)`` for ``stage``, which is to run as ``wanted`` says and finished as ``done``
+    says (None: it did not): a finished stage whose record still holds is skipped; a stage never finished runs
+    and resumes what it left; a forced or outdated stage is redone from an empty directory."""
     if forced:
         return "redo", "forced"
-    done = finished[stage.name]
     # not finished: killed half-way (resumed only if started with the same settings and inputs) or never started
     started = done or _read_record(stage.directory / RUNNING_MARKER)
     if started is None:
         return "run", None
     upstream = next((name for name in stage.inputs if name in redone), None)
-    reason = f"its input stage {upstream} is redone" if upstream else why_outdated(started, _record(stage, finished, output_dir))
+    reason = f"its input stage {upstream} is redone" if upstream else why_outdated(started, wanted)
     if reason:
         return "redo", reason
     return ("skip", None) if done else ("run", None)
@@ -357,7 +357,8 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
         if only and stage.name not in only:
             continue
         prefix = f"[adpo run {index}/{len(stages)}] {stage.name}"
-        action, reason = _decide(stage, finished, set(timings), force or stage.name in force_stages, out)
+        wanted = _record(stage, finished, out)
+        action, reason = _decide(stage, wanted, finished[stage.name], set(timings), force or stage.name in force_stages)
         if action == "skip":
             print(f"{prefix}: done earlier, skipped ({stage.directory / DONE_MARKER})", flush=True)
             continue
@@ -368,7 +369,6 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
             print(f"{prefix}: redoing from scratch, {reason}", flush=True)
         else:
             print(f"{prefix}: running", flush=True)
-        wanted = _record(stage, finished, out)
         stage.directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(stage.directory / RUNNING_MARKER, wanted)
         stage_start = time.perf_counter()
@@ -394,7 +394,8 @@ def stage_states(config: PipelineConfig) -> list[tuple[Stage, str]]:
     redone: set[str] = set()
     states = []
     for stage in stages:
-        action, reason = _decide(stage, finished, redone, False, Path(config.output_dir))
+        wanted = _record(stage, finished, Path(config.output_dir))
+        action, reason = _decide(stage, wanted, finished[stage.name], redone, forced=False)
         if action == "skip":
             state = "done"
         elif action == "redo":
