@@ -122,15 +122,19 @@ def transfer(config: TransferConfig) -> int:
     robust = dict(eps=config.robust_eps, steps=config.robust_steps, norm=config.robust_norm,
                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
     samples = load_samples(config.verify_data, config.verify_samples) if config.verify_data else []
+    images = [s.image for s in samples]
     shift = dict(eps=config.feature_shift_eps, steps=config.feature_shift_steps, norm=config.robust_norm,
                  batch_size=config.batch_size, seed=config.seed)
-    original_answers, robust_before, shift_before = [], None, None
+    # taken on the target before the graft and on the grafted model after it; reported as original_* / grafted_*
+    measures = []
+    if config.feature_shift_eps:
+        measures.append(lambda: feature_shift(model, processor, images, **shift))
+    if config.robust_eps:
+        measures.append(lambda: robust_vqa_accuracy(model, processor, samples, **robust))
+    original_answers, before = [], []
     if samples:
         original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers")
-        if config.feature_shift_eps:
-            shift_before = feature_shift(model, processor, [s.image for s in samples], **shift)
-        if config.robust_eps:
-            robust_before = robust_vqa_accuracy(model, processor, samples, **robust)
+        before = [measure() for measure in measures]
 
     outcome = graft_encoder(model, processor, donor, options)
     report = grafted_summary(outcome, donor, config.target, out)
@@ -138,19 +142,15 @@ def transfer(config: TransferConfig) -> int:
     def verification() -> dict:
         grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
         section = answer_agreement(original_answers, grafted, samples)
-        if config.feature_shift_eps:
-            shift_after = feature_shift(model, processor, [s.image for s in samples], **shift)
-            section |= {f"original_{k}": v for k, v in shift_before.items()} | {f"grafted_{k}": v for k, v in shift_after.items()}
-        if config.robust_eps:
-            after = robust_vqa_accuracy(model, processor, samples, **robust)
-            section |= {f"original_{k}": v for k, v in robust_before.items()} | {f"grafted_{k}": v for k, v in after.items()}
+        for measure, original in zip(measures, before):
+            section |= {f"original_{k}": v for k, v in original.items()} | {f"grafted_{k}": v for k, v in measure().items()}
         return section
 
     if samples:
         target_tower = VisionTower.from_lvlm(model, processor)
         donor_tower, donor_processor = donor_view(donor.encoder.to(LlavaView(model, processor).device), donor.image_mean,
                                                   donor.image_std, donor.image_processor, target_tower, processor)
-        report["verification"] = tower_agreement(donor_tower, target_tower, [s.image for s in samples],
+        report["verification"] = tower_agreement(donor_tower, target_tower, images,
                                                  donor_processor, processor, config.batch_size) | verification()
     save_grafted(model, processor, out, report, overwrite=config.overwrite)
     print(f"grafted model written to {out} (report: {out / 'graft_report.md'})")
