@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adpo.threat import parse_eps
-from pairs.prompts import resolve_prompts
+from adpo.prompts import resolve_prompts
 
 NORMS = ("linf", "l2")
 EMBEDDINGS = ("pooled", "llm")
@@ -55,7 +55,7 @@ class PairsConfig:
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
 
     # --- prompts
-    prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (pairs.prompts.PROMPT_SETS)."})
+    prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (adpo.prompts.PROMPT_SETS)."})
     prompts: list[str] | None = field(default=None, metadata={"help": "Explicit prompts (override prompt_set)."})
     prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line (overrides prompt_set)."})
     prompts_per_image: int = field(default=1, metadata={"help": "Distinct prompts sampled per image with the seed."})

@@ -29,7 +29,7 @@ from typing import Any
 import datasets
 from datasets import Features, Image, Value
 
-from pairs.prompts import prompts_for_image
+from adpo.prompts import prompts_for_image
 
 SHARD_DIR = "shards"
 DATASET_DIR = "dataset"

@@ -8,7 +8,7 @@ import pytest
 
 from pairs.cli import main, parse_config
 from pairs.config import PairsConfig
-from pairs.prompts import PROMPT_SETS, prompts_for_image
+from adpo.prompts import PROMPT_SETS, prompts_for_image
 from pairs.shards import check_or_write_manifest, plan_shards, shards_for_process
 
 

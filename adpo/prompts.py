@@ -1,4 +1,5 @@
-"""Prompt sets for pair generation and the seeded choice of prompts per image.
+"""Prompt sets and the seeded choice of prompts per image, shared by pair generation (``adpo pairs``) and
+online AdPO (``pair_source: online``).
 
 The AdPO paper asks open "What is in the image?"-style questions so that the clean answer describes
 the image content the attack then tries to change. A run picks ``prompts_per_image`` distinct
