@@ -1,10 +1,21 @@
-"""Facts about the processes a run is launched in, shared by every trainer."""
+"""What every trainer needs from the machine it runs on, and what it writes beyond ``encoder/`` at its end."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+HALF_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
+# Where every trainer writes what it trained, in a run directory and in each of its checkpoints.
+ENCODER_DIRNAME = "encoder"
+LVLM_DIRNAME = "lvlm"
 
 
 def has_accelerator() -> bool:
@@ -17,9 +28,84 @@ def needs_cpu_process_group() -> bool:
     """Several processes launched (accelerate/torchrun) on a machine without an accelerator.
 
     Trainer's processes join a (gloo) process group only with ``use_cpu``; without it each would train
-    alone on all the data, so trainer configs switch ``use_cpu`` on when this is true.
+    alone on all the data.
     """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
+
+
+def fit_precision_to_device(args: Any, dtype_fields: Sequence[str]) -> None:
+    """Make a trainer config written for GPUs run on this machine; call before ``TrainingArguments.__post_init__``.
+
+    Without an accelerator, a config asking for half precision (``bf16``/``fp16``/``tf32``, or a half dtype
+    in one of ``dtype_fields``) and not setting ``use_cpu`` itself becomes a CPU smoke test: ``use_cpu``, mixed
+    precision off, those dtypes float32, announced by one warning. (TrainingArguments would refuse bf16
+    without a GPU; CPU half precision is slow and not what the config was tuned with.) A config that sets
+    ``use_cpu: true`` keeps the precision it asks for. Launched as several CPU processes, ``use_cpu`` is
+    switched on too, so they form a (gloo) process group. With an accelerator nothing changes.
+    """
+    if has_accelerator():
+        return
+    if not args.use_cpu:
+        flags = [name for name in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval", "tf32") if getattr(args, name)]
+        dtypes = [name for name in dtype_fields if str(getattr(args, name) or "").lower() in HALF_DTYPES]
+        if flags or dtypes:
+            for name in flags:
+                setattr(args, name, None if name == "tf32" else False)
+            changed = [f"{name}: false" for name in flags] + [f"{name}: float32" for name in dtypes]
+            for name in dtypes:
+                setattr(args, name, "float32")
+            args.use_cpu = True
+            logger.warning("no GPU found: running this config as a CPU smoke test in float32 (use_cpu: true, %s); "
+                           "set use_cpu: true yourself to keep the config's precision on CPU", ", ".join(changed))
+    if not args.use_cpu and needs_cpu_process_group():
+        args.use_cpu = True
+
+
+def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
+    """The trained encoder inside a checkpoint (``<checkpoint>/encoder``), or an error naming what is missing."""
+    encoder_dir = Path(checkpoint) / ENCODER_DIRNAME
+    if not (encoder_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} holds no {ENCODER_DIRNAME}/config.json, so there is no trained encoder "
+                                "to resume from; resume from a checkpoint written by this adpo version, or start afresh")
+    return encoder_dir
+
+
+def write_requested_exports(
+    output_dir: str | os.PathLike,
+    encoder: torch.nn.Module,
+    image_processor: Any,
+    card: dict,
+    *,
+    base_model: str,
+    save_lvlm: bool,
+    encoder_copy_dtype: str | None,
+    trust_remote_code: bool = False,
+) -> list[Path]:
+    """The final outputs a run writes besides its fp32 ``encoder/``, when its config asks for them.
+
+    * ``encoder_copy_dtype``: ``<output_dir>/encoder-<dtype>/``, the trained encoder cast to that dtype.
+    * ``save_lvlm``: ``<output_dir>/lvlm/``, the original LVLM ``base_model`` loaded as stored (its own dtype)
+      with the trained tower put in, so every tensor outside the tower is bit-identical to the original's.
+    """
+    from adpo.io import atomic_directory
+    from adpo.lvlm import load_lvlm, put_encoder, resolve_dtype, save_encoder
+
+    out = Path(output_dir)
+    written = []
+    if encoder_copy_dtype is not None:
+        dtype = resolve_dtype(encoder_copy_dtype)
+        name = str(dtype).removeprefix("torch.")
+        copied = copy.deepcopy(encoder).to(dtype)
+        written.append(save_encoder(copied, out / f"encoder-{name}", image_processor, {**card, "dtype": name}))
+    if save_lvlm:
+        model, processor = load_lvlm(base_model, trust_remote_code=trust_remote_code)
+        put_encoder(model, encoder)  # cast to the tower's stored dtype
+        with atomic_directory(out / LVLM_DIRNAME) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            processor.save_pretrained(staging)
+        written.append(out / LVLM_DIRNAME)
+        del model
+    return written
 
 
 def run_as_process(main) -> int:

@@ -72,6 +72,9 @@ def _config(cls, assets, out: Path, model: str, images: str, **overrides):
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """An encoder's weights: a CLIP model directory, or a run / checkpoint directory holding encoder/."""
+    if (path / "encoder").is_dir():
+        path = path / "encoder"
     return canonical_encoder_state(load_file(str(path / "model.safetensors")))
 
 
@@ -87,7 +90,7 @@ def test_fare_on_a_standalone_encoder_changes_only_the_encoder_and_writes_the_in
     trainer.train()
     trainer.save_model()
 
-    out = tmp_path / "run"
+    out = tmp_path / "run" / "encoder"
     reloaded = CLIPVisionModel.from_pretrained(out)  # the interchange format: a CLIPVisionModel directory
     assert isinstance(reloaded, CLIPVisionModel)
     assert (out / "preprocessor_config.json").exists()
@@ -108,7 +111,7 @@ def test_tower_inside_an_lvlm_trains_to_the_same_format_and_unreachable_paramete
     trainer = fare.build_trainer(config)
     trainer.train()
     trainer.save_model()
-    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["base_kind"] == "lvlm" and card["feature_layer"] == -2 and card["select_strategy"] == "default"
 
     from transformers import LlavaForConditionalGeneration
@@ -156,7 +159,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     interrupted = module.build_trainer(_config(config_class, assets, tmp_path / "resumed", "vision", "images32", **common))
     interrupted.add_callback(_StopAt(2))
     interrupted.train()
-    assert (tmp_path / "resumed" / "checkpoint-2" / "adpo_card.json").exists()
+    assert (tmp_path / "resumed" / "checkpoint-2" / "encoder" / "adpo_card.json").exists()
     assert interrupted.state.global_step == 2
 
     resumed = module.build_trainer(
@@ -183,7 +186,7 @@ def test_tecoa_trains_the_encoder_against_frozen_class_prompts(assets, tmp_path)
     trainer.train()
     trainer.save_model()
     assert torch.equal(trainer.model.head.weight, head_before)  # the visual projection is frozen
-    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["method"] == "tecoa" and card["num_classes"] == 3
     assert card["class_prompt_template"] == "This is a photo of a {}"
     clip = CLIPModel.from_pretrained(assets["clip"])
@@ -215,7 +218,7 @@ def test_simclip_trains_and_records_its_method(assets, tmp_path):
     trainer = simclip.build_trainer(_config(simclip.SimClipConfig, assets, tmp_path / "run", "vision", "images32"))
     trainer.train()
     trainer.save_model()
-    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["method"] == "simclip"
     assert _changed(_weights(assets["vision"]), _weights(tmp_path / "run"))
 
@@ -228,7 +231,7 @@ def test_main_runs_from_a_yaml_config_with_command_line_overrides(assets, tmp_pa
         "use_cpu: true\ndisable_tqdm: true\n"
     )
     assert fare.main(["--config", str(config_file), "--attack_steps", "2"]) == 0
-    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["attack"]["steps"] == 2 and card["eps"] == pytest.approx(4 / 255)
 
 
@@ -260,7 +263,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
                str(repo / "trainers" / "tecoa.py"), "--config", str(config)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    card = json.loads((tmp_path / "ddp" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["optimizer_steps"] == 2 and card["effective_batch_size"] == 4  # two processes really ran
 
     assert tecoa.main(["--config", str(config), "--per_device_train_batch_size", "4",
@@ -290,6 +293,6 @@ def test_world_configs_train_worldclip(tmp_path, module, config_class):
         assert trainer.class_names == list(CLASS_NAMES)
     trainer.train()
     trainer.save_model()
-    card = json.loads((tmp_path / "run" / "adpo_card.json").read_text())
+    card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["base_model"] == "world:clip" and card["optimizer_steps"] == 1
-    assert CLIPVisionModel.from_pretrained(tmp_path / "run").config.image_size == 64
+    assert CLIPVisionModel.from_pretrained(tmp_path / "run" / "encoder").config.image_size == 64

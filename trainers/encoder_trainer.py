@@ -10,9 +10,11 @@ What is trained is always a CLIP vision encoder, whether it was given standalone
 ``CLIPVisionModel`` or ``CLIPModel`` directory / hub id, ``world:clip``) or taken out of an LVLM
 (``llava-hf/...``, ``world:small``): the LVLM's tower is copied out as a ``CLIPVisionModel`` with the
 LVLM's feature layer and CLS strategy, and the language model is dropped (none of these objectives
-uses it). Every checkpoint and the final result are written in the interchange format
-(:func:`adpo.lvlm.save_encoder`: a ``CLIPVisionModel`` directory plus a card saying how it was trained),
-so any of them drops into ``adpo transfer`` and ``adpo eval``.
+uses it). Every checkpoint and the final result hold the trained encoder in the interchange format
+under ``encoder/`` (:func:`adpo.lvlm.save_encoder`: a float32 ``CLIPVisionModel`` directory plus a card
+saying how it was trained), so any of them drops into ``adpo transfer`` and ``adpo eval``; checkpoints add
+the Trainer's optimizer, scheduler, RNG and trainer state. The encoder trains in float32 (master weights;
+``bf16``/``fp16`` autocast the matmuls) unless ``model_dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ from adpo.lvlm import (
 )
 from adpo.objectives import Objective
 from adpo.preprocess import image_processor_of, to_pixels
-from adpo.runtime import needs_cpu_process_group
+from adpo.runtime import ENCODER_DIRNAME, checkpoint_encoder_dir, fit_precision_to_device, write_requested_exports
 from adpo.sources import ImageRecord, ImageSource, open_source
 from adpo.threat import ThreatModel, parse_eps
 
@@ -105,17 +105,31 @@ class EncoderTrainingConfig(TrainingArguments):
     )
     attack_random_start: bool = field(default=True, metadata={"help": "Start the attack uniformly in the ball."})
     model_dtype: str | None = field(
-        default=None, metadata={"help": "dtype of the trained encoder's weights (float32 if unset; use bf16=true for AMP)."}
+        default=None,
+        metadata={"help": "dtype of the trained encoder's weights: float32 master weights if unset (use bf16: true "
+                          "for mixed precision); a half dtype trains in it directly."},
     )
     load_dtype: str | None = field(
         default=None,
-        metadata={"help": "dtype an LVLM is loaded in before its tower is copied out (float16 keeps a 7B LVLM in "
-                          "14 GB and is exact for fp16 checkpoints); the tower is then cast to model_dtype."},
+        metadata={"help": "dtype an LVLM is loaded in before its tower is copied out (default: as stored, which is "
+                          "exact; a narrower dtype rounds the tower, frozen tensors included)."},
+    )
+    save_lvlm: bool = field(
+        default=False,
+        metadata={"help": "Also write <output_dir>/lvlm: the original LVLM, loaded as stored, with the trained tower "
+                          "put in (every other tensor bit-identical). Needs an LVLM as model_name_or_path."},
+    )
+    encoder_copy_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Also write <output_dir>/encoder-<dtype>: the trained encoder cast to this dtype "
+                          "(e.g. float16); encoder/ stays float32."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
 
     # TrainingArguments defaults replaced by the published recipe
-    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final encoder go."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Run directory: checkpoint-N/ and the final encoder in <output_dir>/encoder."}
+    )
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -138,10 +152,9 @@ class EncoderTrainingConfig(TrainingArguments):
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         if self.attack_steps < 0:
             raise ValueError(f"attack_steps must be >= 0, got {self.attack_steps}")
-        if not self.use_cpu and needs_cpu_process_group():
-            # Several CPU processes under accelerate/torchrun join a (gloo) process group only with use_cpu;
-            # otherwise each would train alone on all the data.
-            self.use_cpu = True
+        for key in ("model_dtype", "load_dtype", "encoder_copy_dtype"):
+            resolve_dtype(getattr(self, key))  # an unknown name fails here, before any model loads
+        fit_precision_to_device(self, ("model_dtype", "load_dtype"))
         super().__post_init__()
 
     @property
@@ -212,13 +225,16 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
     dtype = resolve_dtype(config.model_dtype) or torch.float32
     feature_layer, strategy = -2, "default"
     clip_model = clip_processor = None
+    model_type = "clip" if name == WORLD_CLIP else None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
+    if config.save_lvlm and model_type in ("clip", "clip_vision_model"):
+        raise ValueError(f"save_lvlm: true writes an LVLM with the trained tower, but {name!r} is a standalone CLIP "
+                         "model; set save_lvlm: false (the encoder is written to <output_dir>/encoder either way)")
     if name == WORLD_CLIP:
         from adpo.world.clip import load_world_clip
 
         clip_model, processor = load_world_clip()
         encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
     else:
-        model_type = None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
         if model_type == "clip_vision_model":
             from transformers import AutoImageProcessor
 
@@ -231,8 +247,7 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
             processor = AutoProcessor.from_pretrained(name)
             encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
         else:
-            lvlm, processor = load_lvlm(name, dtype=resolve_dtype(config.load_dtype) or dtype,
-                                        trust_remote_code=config.trust_remote_code)
+            lvlm, processor = load_lvlm(name, dtype=config.load_dtype, trust_remote_code=config.trust_remote_code)
             feature_layer, strategy = feature_selection(lvlm)
             encoder, kind = export_encoder(lvlm), "lvlm"
             del lvlm  # the language model is not used by encoder-only objectives
@@ -423,8 +438,21 @@ class EncoderAdversarialTrainer(Trainer):
             "adpo_version": adpo.__version__,
         }
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints and the final output hold ``encoder/``; the final one also what the config asks for
+        besides (``save_lvlm``, ``encoder_copy_dtype``)."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            args = self.args
+            write_requested_exports(
+                output_dir if output_dir is not None else args.output_dir,
+                self.accelerator.unwrap_model(self.model).encoder, self.image_processor, self.card(),
+                base_model=args.model_name_or_path, save_lvlm=args.save_lvlm,
+                encoder_copy_dtype=args.encoder_copy_dtype, trust_remote_code=args.trust_remote_code,
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints and the final model are CLIPVisionModel directories with a card."""
+        """What is trained, not the model it came from: the encoder under ``<output_dir>/encoder``."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -436,35 +464,24 @@ class EncoderAdversarialTrainer(Trainer):
             put_encoder(encoder, canonical_encoder_state(
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             ))
-        _save_encoder_into(encoder, Path(output_dir), self.image_processor, self.card())
+        save_encoder(encoder, Path(output_dir) / ENCODER_DIRNAME, self.image_processor, self.card())
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
-        put_encoder(module.encoder, resume_from_checkpoint)  # strict: refuses missing or extra keys
+        put_encoder(module.encoder, checkpoint_encoder_dir(resume_from_checkpoint))  # strict: refuses missing or extra keys
+
+    def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 def _plain(value: Any) -> Any:
     """An enum option as its plain value (for the JSON card)."""
     return getattr(value, "value", value)
-
-
-def _save_encoder_into(encoder: nn.Module, out_dir: Path, image_processor: Any, card: dict) -> None:
-    """save_encoder into ``out_dir`` without removing what else lives there (the run's checkpoints).
-
-    save_encoder replaces its target directory as a whole; this writes to a sibling staging directory
-    and moves the files in one by one (each move atomic).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".encoder-", dir=out_dir.parent))
-    try:
-        save_encoder(encoder, staging / "encoder", image_processor, card)
-        for item in (staging / "encoder").iterdir():
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def resume_argument(value: str | None) -> str | bool | None:
@@ -477,7 +494,7 @@ def resume_argument(value: str | None) -> str | bool | None:
 
 
 def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
-    """Train (resuming when asked) and write the final encoder into output_dir."""
+    """Train (resuming when asked) and write the final encoder into ``<output_dir>/encoder``; returns that directory."""
     resume = resume_argument(trainer.args.resume_from_checkpoint)
     if resume is True:
         from transformers.trainer_utils import get_last_checkpoint
@@ -488,7 +505,7 @@ def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
             logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    return Path(trainer.args.output_dir)
+    return Path(trainer.args.output_dir) / ENCODER_DIRNAME
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -141,9 +141,15 @@ def _warn_if_different_vision_weights(clip: CLIPModel, loaded: LoadedEncoder) ->
     theirs = clip.vision_model.state_dict()
     key = "embeddings.patch_embedding.weight"
     mine = ours.get("vision_model." + key, ours.get(key))
-    if mine is None or theirs.get(key) is None or mine.shape != theirs[key].shape or not torch.equal(mine.float(), theirs[key].float()):
+    if mine is None or theirs.get(key) is None or not _same_weights(mine, theirs[key]):
         logger.warning("the text tower's CLIP image weights differ from the encoder being trained; zero-shot "
                        "alignment starts poor (use the CLIPModel the encoder comes from as text_model_name_or_path)")
+
+
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal in a common dtype: as they are, or both rounded to fp16 or to bf16 (an LVLM stored in half precision
+    holds the CLIP model's fp32 weights rounded, whatever dtype either was loaded in)."""
+    return a.shape == b.shape and any(torch.equal(a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
 def build_trainer(config: TecoaConfig, train_dataset=None) -> TecoaTrainer:
