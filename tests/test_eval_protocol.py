@@ -26,6 +26,7 @@ from adpo.eval.protocol import (
     run_protocol,
 )
 from adpo.lvlm import LlavaView
+from adpo.objectives import Evaluation, Objective
 from adpo.testing import random_pixels, tiny_llava
 from adpo.threat import ThreatModel
 
@@ -75,8 +76,11 @@ def test_vqa_protocol_breaks_answers_and_writes_report(view, answered, tmp_path)
             assert large["source"] == small["source"] and large["source"].endswith("ε=2/255")
     rows = {row["eps_label"]: row for row in report["robust"]}
     assert rows["8/255"]["num_attacked"] == round(len(answers) * robust["2/255"])
-    assert {c["check"] for c in report["sanity"]} == {"robust_le_clean", "monotone_in_eps", "more_steps_not_weaker"}
-    assert report["sanity"][0]["status"] == "pass"
+    assert {c["check"] for c in report["sanity"]} == {"robust_le_clean", "monotone_in_eps", "more_steps_not_weaker", "attack_took_steps"}
+    statuses = {c["check"]: c["status"] for c in report["sanity"]}
+    assert statuses["robust_le_clean"] == statuses["attack_took_steps"] == "pass"
+    assert all(sample["robust"]["2/255"]["steps"] >= 1 for sample in report["samples"])
+    assert rows["2/255"]["gradient_steps"] == sum(sample["robust"]["2/255"]["steps"] for sample in report["samples"])
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["num_samples"] == len(answers) and saved["step_check"]["steps"] == 1
     assert "APGD" in (tmp_path / "report.md").read_text()
@@ -308,3 +312,56 @@ def test_side_by_side_passes_pack_whole_samples_and_split_only_oversized_ones():
     # Batch size 1 is the per-sample loop: each pass alone, in order (a broken sample skips the rest).
     assert protocol._pack_by_sample(rows, 1) == [[row] for row in rows]
     assert protocol._pack_by_sample([(0, "a"), (0, "t"), (0, "u"), (1, "a")], 2) == [[(0, "a"), (0, "t")], [(0, "u"), (1, "a")]]
+
+
+class BrokenAtStart(Objective):
+    """Calls every row broken wherever it looks, as the LM loss did when a label token was never the greedy choice."""
+
+    def evaluate(self, x):
+        return Evaluation(values=x.flatten(1).sum(dim=1), success=torch.ones(x.shape[0], dtype=torch.bool))
+
+
+class AlwaysRight:
+    """Answers every question with its first reference, attacked or not, and attacks with :class:`BrokenAtStart`."""
+
+    device = torch.device("cpu")
+
+    def predict(self, pixels, samples):
+        return [s.references[0] for s in samples]
+
+    def objective(self, samples, passes):
+        return BrokenAtStart()
+
+
+def test_an_attack_that_takes_no_step_on_a_clean_correct_sample_fails_the_report(tmp_path):
+    samples = [Sample(f"s{i}", None, QUESTION, ["red"]) for i in range(3)]
+    report = run_protocol(config(eps=["2/255", "8/255"], step_check_steps=0, num_examples=0), AlwaysRight(), samples,
+                          random_pixels(3, seed=0), out_dir=tmp_path)
+    assert report["robust"][0]["metrics"]["exact_match"] == 1.0  # the robust score falls back to the clean one
+    assert all(sample["robust"][label]["steps"] == 0 for sample in report["samples"] for label in ("2/255", "8/255"))
+    assert [r["gradient_steps"] for r in report["robust"]] == [0, 0]
+    check = next(c for c in report["sanity"] if c["check"] == "attack_took_steps")
+    assert check["status"] == "fail" and "s0@2/255" in check["detail"]
+    assert "**FAIL** `attack_took_steps`" in (tmp_path / "report.md").read_text()
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["samples"][0]["robust"]["8/255"]["steps"] == 0 and not saved["samples"][0]["clean"]["broken"]
+
+
+def test_vqa_pass_attacks_the_clean_answer_as_the_model_spelled_it():
+    sample = Sample("a", None, "q", ["red", "Red", "blue"])
+    task = VQATask([sample], [])
+    assert [p.text for p in task.passes(sample)] == ["red", "blue"]
+    assert [p.text for p in task.passes(sample, clean_output="Red.")] == ["Red.", "blue"]
+    assert [p.text for p in task.passes(sample, clean_output="green")] == ["red", "blue"]  # wrong: references as given
+
+
+def test_references_spelled_unlike_the_clean_answer_are_still_attacked(view, answered):
+    pixels, answers = answered
+    # Scored as the same answers (VQA normalisation ignores case and the full stop), but tokenised differently.
+    samples = [Sample(f"s{i}", None, QUESTION, [a.upper() + "."]) for i, a in enumerate(answers)]
+    task = VQATask(samples, [])
+    clean = [Outcome(o, s) for o, s in zip(answers, task.score(samples, answers))]
+    assert all(c.scores["exact_match"] == 1.0 for c in clean)
+    run = attack_ensemble(GenerativeModel(view, 8), task, samples, pixels, clean, ThreatModel(eps=8 / 255), steps=2,
+                          precision_schedule=["float32"], batch_size=4)
+    assert all(steps >= 1 for steps in run.steps), run.steps

@@ -19,8 +19,9 @@ from adpo.eval.report import (
 )
 
 
-def synthetic_report(name="model", clean=(1, 1, 1, 0), robust=None, attack_only=None, step_check=None):
-    """A VQA report over four samples; ``robust`` maps eps label -> per-sample exact-match scores."""
+def synthetic_report(name="model", clean=(1, 1, 1, 0), robust=None, attack_only=None, step_check=None, steps=None):
+    """A VQA report over four samples; ``robust`` maps eps label -> per-sample exact-match scores, ``steps`` eps label
+    -> per-sample gradient steps (default: 10 on each sample not broken before that eps, else 0)."""
     robust = robust if robust is not None else {"2/255": (1, 0, 0, 0), "4/255": (0, 0, 0, 0)}
     eps_values = {"2/255": 2 / 255, "4/255": 4 / 255, "8/255": 8 / 255}
     samples = []
@@ -29,18 +30,23 @@ def synthetic_report(name="model", clean=(1, 1, 1, 0), robust=None, attack_only=
             "id": f"s{index}",
             "prompt": "What shape?",
             "references": ["circle"],
-            "clean": {"output": "circle" if clean_score else "square", "scores": {"exact_match": float(clean_score)}},
+            "clean": {"output": "circle" if clean_score else "square", "scores": {"exact_match": float(clean_score)},
+                      "broken": not clean_score},
             "robust": {},
         }
+        before = clean_score
         for label, scores in robust.items():
             only = attack_only[label][index] if attack_only else scores[index]
             sample["robust"][label] = {
                 "output": "circle" if scores[index] else "square",
                 "scores": {"exact_match": float(scores[index])},
+                "broken": not scores[index],
                 "attack_only_scores": {"exact_match": float(only)},
                 "source": "answer:circle",
                 "attacked": bool(clean_score),
+                "steps": steps[label][index] if steps else 10 * bool(before),
             }
+            before = scores[index]
         samples.append(sample)
     return {
         "format": REPORT_FORMAT,
@@ -62,6 +68,7 @@ def synthetic_report(name="model", clean=(1, 1, 1, 0), robust=None, attack_only=
                 "metrics": {"exact_match": float(np.mean(scores))},
                 "attack_only_metrics": {"exact_match": float(np.mean(scores))},
                 "num_attacked": int(sum(clean)),
+                "gradient_steps": 30,
                 "seconds": 1.0,
             }
             for label, scores in robust.items()
@@ -79,7 +86,17 @@ def statuses(report):
 
 def test_sanity_checks_pass_on_a_consistent_report():
     report = synthetic_report(step_check={"eps_label": "4/255", "steps": 10, "metrics": {"exact_match": 0.25}, "per_sample": {}})
-    assert statuses(report) == {"robust_le_clean": "pass", "monotone_in_eps": "pass", "more_steps_not_weaker": "pass"}
+    assert statuses(report) == {"robust_le_clean": "pass", "monotone_in_eps": "pass", "more_steps_not_weaker": "pass",
+                                "attack_took_steps": "pass"}
+
+
+def test_an_attack_without_a_gradient_step_on_a_sample_it_had_to_break_fails():
+    # s0 is right on the clean image and at 2/255, so both attacks had to run on it; s1-s3 need no 4/255 attack.
+    lazy = synthetic_report(steps={"2/255": (10, 10, 10, 0), "4/255": (0, 0, 0, 0)})
+    check = next(c for c in sanity_checks(lazy) if c["check"] == "attack_took_steps")
+    assert check["status"] == "fail" and "s0@4/255" in check["detail"] and "s1" not in check["detail"]
+    # No step where the clean image (s3) or a smaller epsilon (s1, s2 at 4/255) had already broken the sample: fine.
+    assert statuses(synthetic_report(steps={"2/255": (10, 10, 10, 0), "4/255": (10, 0, 0, 0)}))["attack_took_steps"] == "pass"
 
 
 def test_robust_above_clean_fails_and_attack_above_clean_warns():

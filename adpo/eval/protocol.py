@@ -83,7 +83,8 @@ class Task:
     metrics: tuple[str, ...]
     primary: str
 
-    def passes(self, sample: Sample) -> list[AttackPass]:
+    def passes(self, sample: Sample, clean_output: str | None = None) -> list[AttackPass]:
+        """The attack passes for ``sample``; ``clean_output`` is the model's answer to the clean image, where known."""
         raise NotImplementedError
 
     def score(self, samples: Sequence[Sample], outputs: Sequence[str]) -> list[dict[str, float]]:
@@ -109,10 +110,15 @@ class VQATask(Task):
         self.primary = self.metrics[0]
         self.targets = list(targets)
 
-    def passes(self, sample: Sample) -> list[AttackPass]:
+    def passes(self, sample: Sample, clean_output: str | None = None) -> list[AttackPass]:
         by_form = Counter(normalize_answer(r) for r in sample.references)
-        # One untargeted pass per distinct answer, spelled as annotators most often spelled it.
+        # One untargeted pass per distinct answer, spelled as annotators most often spelled it, except the answer
+        # the model gave on the clean image: the scorer counts "Red." as "red", so that pass attacks the model's own
+        # spelling. Its labels then reproduce the clean greedy output, and the LM loss's success test (some label
+        # token is not the greedy choice) cannot call the clean image broken.
         spelled = {}
+        if clean_output is not None and normalize_answer(clean_output) in by_form:
+            spelled[normalize_answer(clean_output)] = clean_output
         for reference in sample.references:
             spelled.setdefault(normalize_answer(reference), reference)
         distinct = [spelled[form] for form, _ in by_form.most_common()]
@@ -146,7 +152,7 @@ class CaptionTask(Task):
         self.scorer = CaptionScorer({s.id: s.references for s in samples})
         self.break_threshold = break_threshold
 
-    def passes(self, sample: Sample) -> list[AttackPass]:
+    def passes(self, sample: Sample, clean_output: str | None = None) -> list[AttackPass]:
         # "The caption differs from this reference" is true almost always, so APGD runs all its steps.
         return [AttackPass(f"caption#{i}", text, early_stop=False) for i, text in enumerate(sample.references)]
 
@@ -182,7 +188,7 @@ class TargetedTask(Task):
     def __init__(self, target: str):
         self.target = target
 
-    def passes(self, sample: Sample) -> list[AttackPass]:
+    def passes(self, sample: Sample, clean_output: str | None = None) -> list[AttackPass]:
         return [AttackPass("target", self.target, targeted=True)]
 
     def score(self, samples, outputs):
@@ -205,7 +211,7 @@ class ZeroShotTask(Task):
         self.class_names = list(class_names)
         self.target_classes = target_classes
 
-    def passes(self, sample: Sample) -> list[AttackPass]:
+    def passes(self, sample: Sample, clean_output: str | None = None) -> list[AttackPass]:
         passes = [AttackPass("ce")]
         passes += [AttackPass(f"target#{k}", targeted=True, target_label=t) for k, t in enumerate(sample.target_labels)]
         return passes
@@ -303,9 +309,13 @@ class AttackRun:
     """Per-sample results of the attack at one epsilon."""
 
     worst: list[Outcome | None]  # worst attack output per sample (None: never attacked)
-    gradient_steps: int
+    steps: list[int]  # per sample, the gradient steps its attack took (every pass and stage)
     attacked: int
     seconds: float
+
+    @property
+    def gradient_steps(self) -> int:
+        return sum(self.steps)
 
 
 def attack_ensemble(
@@ -334,7 +344,7 @@ def attack_ensemble(
     the batch just no longer waits for one pass to finish before the next starts.
     """
     start = time.perf_counter()
-    passes = [{p.key: p for p in task.passes(s)} for s in samples]
+    passes = [{p.key: p for p in task.passes(s, c.output)} for s, c in zip(samples, clean)]
     keys = list(dict.fromkeys(key for per_sample in passes for key in per_sample))
     one_by_one = [k for k in keys if any(k in p and not p[k].early_stop for p in passes)]
     side_by_side = any(p.early_stop for per_sample in passes for p in per_sample.values())
@@ -343,14 +353,13 @@ def attack_ensemble(
         raise ValueError(f"carried has {len(worst)} outcomes for {len(samples)} samples")
     broken = [task.broken(c.scores) or (w is not None and task.broken(w.scores)) for c, w in zip(clean, worst)]
     attacked = [False] * len(samples)
-    gradient_steps = 0
+    sample_steps = [0] * len(samples)
     device = model.device
     label = eps_label(threat.eps)
     bar = tqdm(total=len(precision_schedule) * (len(one_by_one) + side_by_side), desc=f"attack ε={label}",
                disable=None if progress else True, leave=False)  # None: quiet when not a TTY
 
     def run(rows: list[tuple[int, str]], stage: int, precision: str, early_stop: bool) -> None:
-        nonlocal gradient_steps
         rows = [(i, key) for i, key in rows if not broken[i]]  # an earlier chunk may have broken the sample
         if not rows:
             return
@@ -367,9 +376,9 @@ def attack_ensemble(
         groups = torch.tensor(index) if early_stop else None
         with precision_context(precision, device):
             result = apgd(objective, x, threat, steps, init=init, early_stop=early_stop, groups=groups, generator=generator)
-        gradient_steps += int(result.steps_run.sum())
-        for i in index:
+        for row, i in enumerate(index):
             attacked[i] = True
+            sample_steps[i] += int(result.steps_run[row])
         # A row stopped because another pass broke its sample need not be decoded.
         decode = [r for r in range(len(rows)) if not early_stop or bool(result.success[r]) or int(result.steps_run[r]) >= steps]
         decoded_samples = [samples[index[r]] for r in decode]
@@ -392,7 +401,7 @@ def attack_ensemble(
                 run(chunk, stage, precision, early_stop=True)
             bar.update(1)
     bar.close()
-    return AttackRun(worst, gradient_steps, sum(attacked), time.perf_counter() - start)
+    return AttackRun(worst, sample_steps, sum(attacked), time.perf_counter() - start)
 
 
 def _pack_by_sample(rows: Sequence[tuple[int, str]], size: int) -> list[list[tuple[int, str]]]:
@@ -587,14 +596,16 @@ def run_protocol(
                 "prompt": sample.prompt,
                 "references": sample.references,
                 **({"label": sample.label} if sample.label is not None else {}),
-                "clean": {"output": c.output, "scores": c.scores},
+                "clean": {"output": c.output, "scores": c.scores, "broken": task.broken(c.scores)},
                 "robust": {
                     label: {
                         "output": final[i].output,
                         "scores": final[i].scores,
+                        "broken": task.broken(final[i].scores),
                         "attack_only_scores": run.worst[i].scores if run.worst[i] is not None else None,
                         "source": final[i].source,
                         "attacked": run.worst[i] is not None,
+                        "steps": run.steps[i],
                     }
                     for label, (run, final) in runs.items()
                 },

@@ -11,14 +11,17 @@ A report is a plain JSON-serialisable dict (``REPORT_FORMAT``, version 1)::
       "config": {...},                              # the EvalConfig that produced it
       "clean": {"exact_match": 0.81, ...},          # aggregate, in [0, 1] (CIDEr in pycocoevalcap units)
       "robust": [{"eps": 0.0157, "eps_label": "4/255", "steps": 100,
-                  "metrics": {...}, "attack_only_metrics": {...}, "num_attacked": 52, "seconds": 12.3}],
+                  "metrics": {...}, "attack_only_metrics": {...}, "num_attacked": 52,
+                  "gradient_steps": 4210, "seconds": 12.3}],
                                                     # num_attacked: attacked at this ε (not broken at a smaller one)
       "step_check": null | {"eps_label": "4/255", "steps": 10, "metrics": {...}, "per_sample": {id: score}},
       "samples": [{"id": "...", "prompt": "...", "references": [...],
-                   "clean": {"output": "...", "scores": {...}},
-                   "robust": {"4/255": {"output": "...", "scores": {...}, "attack_only_scores": {...} | null,
+                   "clean": {"output": "...", "scores": {...}, "broken": false},
+                   "robust": {"4/255": {"output": "...", "scores": {...}, "broken": true,
+                                        "attack_only_scores": {...} | null,
                                         "source": "clean" | "<pass>@<precision> ε=<where found>",
-                                        "attacked": true}}}],
+                                        "attacked": true, "steps": 37}}}],
+                                                    # steps: gradient steps the sample's attack took at this ε
       "examples": [{"id": "...", "eps_label": "4/255", "clean_image": "examples/x_clean.png",
                     "adversarial_image": "examples/x_4-255.png", "prompt": "...",
                     "clean_output": "...", "adversarial_output": "..."}],
@@ -111,6 +114,10 @@ def sanity_checks(report: dict) -> list[dict]:
        contains the smaller ball, so a rise means the attack is too weak at the larger epsilon (warn).
     3. More steps never raise robust accuracy: the run with fewer steps (``step_check``) must not end
        *below* the full run on the same samples; if it does the full attack is being masked (warn).
+    4. The attack took at least one gradient step on every sample it had to break: one not broken on the
+       clean image nor by the output carried from the next smaller epsilon. Zero steps means the objective
+       called the sample broken before attacking it while its decoded output was not, so the robust
+       score is the clean score by default (fail).
     """
     metric = report["primary_metric"]
     checks = []
@@ -163,6 +170,23 @@ def sanity_checks(report: dict) -> list[dict]:
             checks.append(_check("more_steps_not_weaker", "pass", detail))
     else:
         checks.append(_check("more_steps_not_weaker", "warn", "not run (step_check_steps disabled in the config)"))
+
+    labels = [row["eps_label"] for row in sorted(report["robust"], key=lambda row: row["eps"])]
+    unattacked = []
+    for sample in report["samples"]:
+        broken_before = sample["clean"]["broken"]
+        for label in labels:
+            robust = sample["robust"][label]
+            if not broken_before and robust["steps"] == 0:
+                unattacked.append(f"{sample['id']}@{label}")
+            broken_before = robust["broken"]
+    checks.append(
+        _check("attack_took_steps", "fail",
+               f"no gradient step on {len(unattacked)} sample(s) that were not broken before the attack (the objective "
+               f"called them broken at its start point, but their decoded output was not): {_ids(unattacked)}")
+        if unattacked
+        else _check("attack_took_steps", "pass", "every sample not broken before the attack took at least one gradient step")
+    )
     return checks
 
 
@@ -204,6 +228,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"Targeted attack success rate: {rates}", ""]
     lines += ["Attacked samples per ε (the others were already broken on the clean image): "
               + ", ".join(f"{row['eps_label']}: {row['num_attacked']}" for row in report["robust"]), ""]
+    lines += ["Gradient steps per ε (all attacked samples, passes and stages): "
+              + ", ".join(f"{row['eps_label']}: {row['gradient_steps']}" for row in report["robust"]), ""]
     lines += [f"![{metric} vs ε]({PLOT_METRIC_VS_EPS})", ""]
     lines += ["## Sanity checks", ""]
     for check in report["sanity"]:
