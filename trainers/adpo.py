@@ -71,11 +71,12 @@ from adpo.lvlm import (
     freeze_for_tower_training,
     load_lvlm,
     put_encoder,
+    resolve_dtype,
     save_encoder,
 )
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
-from adpo.runtime import needs_cpu_process_group
+from adpo.runtime import checkpoint_encoder_dir, fit_precision_to_device, write_requested_exports
 from adpo.threat import ThreatModel, parse_eps
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,16 @@ class AdPOConfig(DPOConfig):
     )
     keep_tower_dtype: bool = field(
         default=False, metadata={"help": "Train the tower in model_dtype instead of upcasting it to float32."}
+    )
+    save_lvlm: bool = field(
+        default=False,
+        metadata={"help": "Also write <output_dir>/lvlm at the end: the original LVLM, loaded as stored, with the "
+                  "trained tower put in (every other tensor bit-identical). Checkpoints never hold the LVLM."},
+    )
+    encoder_copy_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Also write <output_dir>/encoder-<dtype> at the end: the trained encoder cast to this "
+                  "dtype (e.g. float16); encoder/ stays float32."},
     )
     dataset_path: str | None = field(
         default=None,
@@ -165,10 +176,8 @@ class AdPOConfig(DPOConfig):
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the pairs (paper: 2)."})
 
     def __post_init__(self):
-        if not self.use_cpu and needs_cpu_process_group():
-            # Without use_cpu, several CPU processes under accelerate/torchrun never join a process group:
-            # each would train alone on all the data. use_cpu makes them form a gloo group (DDP).
-            self.use_cpu = True
+        fit_precision_to_device(self, ("model_dtype",))
+        resolve_dtype(self.encoder_copy_dtype)  # an unknown dtype fails here, not after training
         super().__post_init__()
         problems = []
         if self.adv_source not in ADV_SOURCES:
@@ -515,17 +524,27 @@ class AdPOTrainer(DPOTrainer):
 
     # --- saving ---------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """The usual Trainer files, plus the trained encoder in the interchange format under ``encoder/``."""
-        super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            save_encoder(self.trained_encoder(), Path(output_dir) / ENCODER_DIRNAME, self.processor, self.encoder_card())
+        """What trains, not the frozen LVLM: the tower in the interchange format under ``encoder/`` (float32
+        master weights, with its card) and, with LoRA, the adapter files; checkpoints add the Trainer's optimizer,
+        scheduler, RNG and state. The final save adds what the config asks for (``save_lvlm``,
+        ``encoder_copy_dtype``)."""
+        args = self.args
+        output_dir = output_dir or args.output_dir
+        if args.tune == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super().save_model(output_dir, _internal_call)  # adapter files; DeepSpeed / FSDP keep their own format
+        elif args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(args, os.path.join(output_dir, "training_args.bin"))
+        if args.should_save:
+            encoder, card = self.trained_encoder(), self.encoder_card()
+            save_encoder(encoder, Path(output_dir) / ENCODER_DIRNAME, self.processor, card)
+            if not _internal_call:
+                write_requested_exports(output_dir, encoder, self.processor, card, base_model=args.model_name_or_path,
+                                        save_lvlm=args.save_lvlm, encoder_copy_dtype=args.encoder_copy_dtype)
 
-    # transformers 5 writes LLaVA checkpoints in the legacy key layout ("language_model.model.*",
-    # "vision_tower.*") and Trainer's resume loads them without converting the keys: nothing is loaded,
-    # only a warning is printed. Under full fine-tuning the tower is the only thing that changes, so
-    # resume loads it from the checkpoint's interchange-format encoder instead. (LoRA checkpoints hold
-    # adapter files, which Trainer loads correctly.)
+    # Under full fine-tuning the tower is the only thing that changes, and checkpoints hold only it (encoder/):
+    # resume and load-best put it back into the loaded LVLM. LoRA checkpoints hold adapter files, which Trainer
+    # loads itself.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.args.tune == "lora" or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -537,11 +556,7 @@ class AdPOTrainer(DPOTrainer):
         self._load_tower(self.state.best_model_checkpoint)
 
     def _load_tower(self, checkpoint: str, model: nn.Module | None = None) -> None:
-        encoder_dir = Path(checkpoint) / ENCODER_DIRNAME
-        if not (encoder_dir / "config.json").exists():
-            raise FileNotFoundError(f"{checkpoint} holds no {ENCODER_DIRNAME}/ directory; it was not written by "
-                                    "AdPOTrainer, so there is no trained tower to resume from")
-        put_encoder(self.accelerator.unwrap_model(model or self.model), encoder_dir)
+        put_encoder(self.accelerator.unwrap_model(model or self.model), checkpoint_encoder_dir(checkpoint))
 
     def trained_encoder(self) -> nn.Module:
         """A standalone copy of the trained tower (LoRA merged in), on the CPU."""
