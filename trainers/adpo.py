@@ -1,14 +1,22 @@
 """AdPO: adversarial robustness of an LVLM's CLIP vision tower by preference optimisation.
 
 A subclass of TRL's :class:`~trl.DPOTrainer` that trains **only the vision tower** of a LLaVA-family
-model on a pairs dataset (``adpo pairs``: columns ``image``, ``adv_image``, ``prompt``, ``chosen``,
-``rejected`` and optional ``ref_chosen_logps`` / ``ref_rejected_logps``) with
+model on preference pairs, with
+
 
     loss = PIO + λ·AIO                                (adpo.losses.preference)
 
 * PIO: DPO between π(y_w | x, q) on the *clean* image and π(y_l | x_adv, q) on the *adversarial* one,
   in any of TRL's loss shapes that make sense here (``loss_type``; sigmoid by default).
 * AIO: −Σ_t sg(p_t)·log p_t of y_w on x_adv (λ = ``aio_weight``).
+
+Where the pairs come from (``pair_source``):
+
+* ``stored``: a pairs dataset (``adpo pairs``: columns ``image``, ``adv_image``, ``prompt``, ``chosen``,
+  ``rejected`` and optional ``ref_chosen_logps`` / ``ref_rejected_logps``), written once by the original model.
+* ``online`` (the paper's algorithm): images and prompts from an image source (``adpo.sources``); each
+  step the *current* policy answers the clean image (y_w) and a fresh x_adv made by PGD on the FARE
+  objective against the current tower (y_l). Greedy by default; sampling is seeded per step.
 
 What changes against TRL's DPOTrainer, and why:
 
@@ -29,7 +37,7 @@ What changes against TRL's DPOTrainer, and why:
   Trainer files, so checkpoints resume with ``resume_from_checkpoint`` and drop into ``adpo transfer``.
 
 Run: ``adpo train adpo --config configs/adpo/world.yaml`` or
-``accelerate launch trainers/adpo.py --config configs/adpo/llava15_paper.yaml``.
+``accelerate launch trainers/adpo.py --config configs/adpo/paper.yaml``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import contextlib
 import copy
 import logging
 import os
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -61,7 +70,7 @@ from trl import DPOConfig, DPOTrainer, TrlParser
 from trl.trainer.utils import use_adapter
 
 import adpo
-from adpo.attacks import pgd
+from adpo.attacks import attack_mode, pgd
 from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_logps
 from adpo.lvlm import (
     LlavaView,
@@ -76,14 +85,20 @@ from adpo.lvlm import (
 )
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
+from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import checkpoint_encoder_dir, fit_precision_to_device, write_requested_exports
+from adpo.sources import ImageSource, open_source
 from adpo.threat import ThreatModel, parse_eps
 
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("image", "adv_image", "prompt", "chosen", "rejected")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+PAIR_SOURCES = ("stored", "online")
 ADV_SOURCES = ("stored", "online")
+IDENTICAL_PAIRS = ("keep", "drop")
+SOURCE_INDEX = "source_index"  # the one stored column of an online image dataset (online_images)
+ONLINE_COLUMNS = ("image", "prompt")
 TUNE_MODES = ("full", "lora")
 EMBEDDINGS = ("pooled", "llm")
 ENCODER_DIRNAME = "encoder"
@@ -122,14 +137,52 @@ class AdPOConfig(DPOConfig):
         metadata={"help": "Also write <output_dir>/encoder-<dtype> at the end: the trained encoder cast to this "
                   "dtype (e.g. float16); encoder/ stays float32."},
     )
+    pair_source: str = field(
+        default="stored",
+        metadata={"help": "'stored': a pairs dataset (dataset_path) written once by the original model; 'online' "
+                  "(the paper): each step the current policy answers the clean image (chosen) and a fresh "
+                  "adversarial one (rejected), over the images of image_source."},
+    )
     dataset_path: str | None = field(
         default=None,
-        metadata={"help": "Pairs dataset: an `adpo pairs` output directory (its dataset/ folder), a "
-                  "save_to_disk directory, or a hub id."},
+        metadata={"help": "Pairs dataset (pair_source: stored): an `adpo pairs` output directory (its dataset/ "
+                  "folder), a save_to_disk directory, or a hub id."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on when the dataset has several."})
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "Share of the pairs held out as eval set (0 = none); split with `seed`."}
+        default=0.0, metadata={"help": "Share of the pairs (or images) held out as eval set (0 = none); split with `seed`."}
+    )
+
+    # --- online pairs (pair_source: online) ---------------------------------------------------------
+    image_source: str | None = field(
+        default=None,
+        metadata={"help": "Images for online pairs (adpo.sources.open_source): an image folder, a saved HF dataset, "
+                  "a COCO captions .json, a hub dataset id, or 'world' / 'world:<split>'."},
+    )
+    image_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of the world."})
+    image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
+    question_column: str | None = field(
+        default=None, metadata={"help": "HF dataset: column with a question per image (for use_source_questions)."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
+    prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (adpo.prompts.PROMPT_SETS); 'paper' "
+                            "is the paper's single 'What is in the image?'."})
+    prompts: list[str] | None = field(default=None, metadata={"help": "Explicit prompts (override prompt_set)."})
+    prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line (overrides prompt_set)."})
+    use_source_questions: bool = field(
+        default=False,
+        metadata={"help": "Ask each image one of the source's own questions (the world's questions; a HF dataset's "
+                  "question_column) instead of the prompt set."},
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Length limit of the generated answers (tokens)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample the answers instead of greedy decoding (seeded per step)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (do_sample only)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (do_sample only)."})
+    identical_pairs: str = field(
+        default="keep",
+        metadata={"help": "Pairs whose rejected answer equals the chosen one: 'keep' them in the loss or 'drop' them "
+                  "(their rows are masked out; a step with none left leaves the weights as they were)."},
     )
 
     # --- the AdPO objective -------------------------------------------------------------------------
@@ -141,10 +194,11 @@ class AdPOConfig(DPOConfig):
     )
 
     # --- adversarial images -------------------------------------------------------------------------
-    adv_source: str = field(
-        default="stored",
-        metadata={"help": "'stored': the dataset's adv_image; 'online': re-attack the clean image every step by PGD "
-                  "on the FARE objective ||φ_θ(x_adv) − φ_orig(x)||² against the frozen original encoder."},
+    adv_source: str | None = field(
+        default=None,
+        metadata={"help": "'stored': the pairs dataset's adv_image; 'online': a new x_adv every step by PGD on the FARE "
+                  "objective ||φ_θ(x_adv) − φ_orig(x)||² (current tower against the frozen original one). Default: "
+                  "what pair_source implies; online adversarial images need pair_source: online."},
     )
     attack_norm: str = field(default="linf", metadata={"help": "Online attack norm: linf or l2."})
     attack_eps: str = field(default="2/255", metadata={"help": "Online attack ε: '2/255', 0.0078, 2 (255ths) or 'world' (the bundled world's working ε)."})
@@ -180,8 +234,21 @@ class AdPOConfig(DPOConfig):
         resolve_dtype(self.encoder_copy_dtype)  # an unknown dtype fails here, not after training
         super().__post_init__()
         problems = []
+        if self.pair_source not in PAIR_SOURCES:
+            problems.append(f"pair_source={self.pair_source!r}; use one of {PAIR_SOURCES}")
+        if self.adv_source is None:
+            self.adv_source = "online" if self.pair_source == "online" else "stored"
         if self.adv_source not in ADV_SOURCES:
             problems.append(f"adv_source={self.adv_source!r}; use one of {ADV_SOURCES}")
+        elif self.adv_source == "online" and self.pair_source == "stored":
+            problems.append("adv_source: online with stored pairs would score each stored rejected answer on a new image "
+                            "it was not written for; set pair_source: online (answers generated on each step's x_adv)")
+        elif self.adv_source == "stored" and self.pair_source == "online":
+            problems.append("pair_source: online attacks every step and has no stored adversarial images; remove adv_source")
+        if self.pair_source == "online":
+            problems += self._online_problems()
+        if self.identical_pairs not in IDENTICAL_PAIRS:
+            problems.append(f"identical_pairs={self.identical_pairs!r}; use one of {IDENTICAL_PAIRS}")
         if self.tune not in TUNE_MODES:
             problems.append(f"tune={self.tune!r}; use one of {TUNE_MODES}")
         for key in ("attack_embedding", "drift_embedding"):
@@ -213,6 +280,45 @@ class AdPOConfig(DPOConfig):
             raise ValueError("invalid AdPO config: " + "; ".join(problems))
         self.attack_eps = str(self.attack_eps)
 
+    def _online_problems(self) -> list[str]:
+        problems = []
+        source = self.image_source
+        if not source:
+            problems.append("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
+                            "a hub dataset id or 'world')")
+        elif source.startswith((".", "/", "~")) or source.endswith(".json"):
+            if not Path(source).expanduser().exists():
+                problems.append(f"image_source {source!r} does not exist; pass an image folder, a saved HF dataset, a "
+                                "COCO .json, a hub dataset id or 'world'")
+        if self.max_images is not None and self.max_images < 1:
+            problems.append(f"max_images must be >= 1, got {self.max_images}")
+        if self.use_source_questions:
+            if self.prompts or self.prompts_file:
+                problems.append("use_source_questions asks the source's own questions; remove prompts / prompts_file")
+        else:
+            try:
+                self.prompt_list()
+            except ValueError as error:
+                problems.append(str(error))
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            problems.append(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
+        return problems
+
+    def prompt_list(self) -> list[str] | None:
+        """The prompts online pairs ask (None: each image's own questions)."""
+        if self.use_source_questions:
+            return None
+        return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)
+
+    def decoding(self) -> dict[str, Any]:
+        """``generate`` settings for the online answers."""
+        settings: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        if self.do_sample:
+            settings.update(temperature=self.temperature, top_p=self.top_p)
+        return settings
+
     def threat(self) -> ThreatModel:
         return ThreatModel(norm=self.attack_norm, eps=parse_eps(self.attack_eps), step_size=self.attack_step_size,
                            random_start=self.attack_random_start)
@@ -229,41 +335,51 @@ class AdPODataCollator:
     are prompt + chosen, rows B..2B−1 prompt + rejected, tokenised by ``LlavaView.encode``.
     ``clean_pixels`` (for the chosen rows) and ``adv_pixels`` (for the rejected rows) are ``[B, 3, H, W]``
     in [0, 1], from ``to_pixels``. ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` pass through when
-    every example has them.
+    every example has them. With ``drop_identical``, ``pair_weights`` ``[B]`` is 0 where rejected == chosen.
     """
 
     view: LlavaView
     max_length: int | None = None
+    drop_identical: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         missing = [c for c in REQUIRED_COLUMNS if c not in examples[0]]
         if missing:
             raise KeyError(f"pairs example lacks columns {missing}; an AdPO dataset needs {REQUIRED_COLUMNS} "
                            "(make one with `adpo pairs`)")
-        questions = [e["prompt"] for e in examples]
-        answers = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-        encoded = self.view.encode(questions + questions, answers)
-        pad_token_id = self.view.tokenizer.pad_token_id or 0
-        input_ids, attention_mask, labels = _truncate_left_padded(
-            encoded.input_ids, encoded.attention_mask, encoded.labels, self.max_length, pad_token_id
-        )
+        chosen, rejected = [e["chosen"] for e in examples], [e["rejected"] for e in examples]
+        batch = encode_pairs(self.view, [e["prompt"] for e in examples], chosen, rejected, self.max_length)
         processor = self.view.processor
         clean = to_pixels([e["image"] for e in examples], processor)
         adv = to_pixels([e["adv_image"] for e in examples], processor)
         if clean.shape != adv.shape:
             raise ValueError(f"clean images {tuple(clean.shape)} and adversarial images {tuple(adv.shape)} differ in "
                              "size; the pairs dataset must store both at the model's resolution")
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "completion_mask": (labels != -100).long(),
-            "clean_pixels": clean,
-            "adv_pixels": adv,
-        }
+        batch.update(clean_pixels=clean, adv_pixels=adv)
+        if self.drop_identical:
+            batch["pair_weights"] = distinct_pairs(chosen, rejected)
         for column in REF_COLUMNS:
             if all(e.get(column) is not None for e in examples):
                 batch[column] = torch.tensor([float(e[column]) for e in examples], dtype=torch.float32)
         return batch
+
+
+def encode_pairs(
+    view: LlavaView, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], max_length: int | None
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` / ``completion_mask`` ``[2B, T]``: prompt + chosen rows, then prompt +
+    rejected rows, by ``LlavaView.encode`` (the tokenisation ``adpo pairs`` scored its reference log-probs with)."""
+    encoded = view.encode(list(prompts) * 2, list(chosen) + list(rejected))
+    pad_token_id = view.tokenizer.pad_token_id or 0
+    input_ids, attention_mask, labels = _truncate_left_padded(
+        encoded.input_ids, encoded.attention_mask, encoded.labels, max_length, pad_token_id
+    )
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (labels != -100).long()}
+
+
+def distinct_pairs(chosen: Sequence[str], rejected: Sequence[str]) -> torch.Tensor:
+    """``[B]`` float: 1 where the rejected answer differs from the chosen one, 0 where they are the same text."""
+    return torch.tensor([float(c != r) for c, r in zip(chosen, rejected, strict=True)])
 
 
 def _truncate_left_padded(
@@ -295,6 +411,86 @@ def _truncate_left_padded(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Online pairs: images and prompts in; the trainer generates the answers each step
+# ----------------------------------------------------------------------------------------------------
+def online_images(source: ImageSource, prompts: list[str] | None, seed: int = 0) -> Dataset:
+    """An image source as training rows ``{"image", "prompt", "source_id", "error"}`` (``pair_source: online``).
+
+    The dataset holds only the source positions; images are read when a batch is drawn (a transform), so a
+    large folder costs nothing up front. Each image is asked one prompt, fixed by (seed, source_id)
+    (``adpo.prompts.prompts_for_image``): every process, epoch and resume asks it the same. ``prompts=None``
+    asks one of the image's own questions.
+    """
+    if len(source) == 0:
+        raise ValueError(f"image source {source.name} holds no image; check image_source and max_images")
+
+    def read(rows: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"image": [], "prompt": [], "source_id": [], "error": []}
+        for position in rows[SOURCE_INDEX]:
+            record = source[position]
+            options = prompts if prompts is not None else record.questions
+            if not options:
+                raise ValueError(f"image {record.source_id} of {source.name} has no question; set question_column "
+                                 "(HF dataset) or use_source_questions: false")
+            ((_, prompt),) = prompts_for_image(list(options), 1, seed, record.source_id)
+            for key, value in (("image", record.image), ("prompt", prompt), ("source_id", record.source_id),
+                               ("error", record.error)):
+                out[key].append(value)
+        return out
+
+    dataset = Dataset.from_dict({SOURCE_INDEX: list(range(len(source)))})
+    dataset.set_transform(read)
+    return dataset
+
+
+@dataclass
+class OnlineImageCollator:
+    """Images + prompts → ``clean_pixels`` ``[B, 3, H, W]`` (``to_pixels``) and ``prompts``; unreadable images
+    are left out with a warning."""
+
+    processor: Any
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        readable = [e for e in examples if e["image"] is not None]
+        for example in examples:
+            if example["image"] is None:
+                logger.warning("skipping unreadable image %s: %s", example.get("source_id"), example.get("error"))
+        if not readable:
+            names = ", ".join(f"{e.get('source_id')} ({e.get('error')})" for e in examples)
+            raise ValueError(f"every image of a batch is unreadable: {names}; repair or remove them from image_source")
+        return {"clean_pixels": to_pixels([e["image"] for e in readable], self.processor),
+                "prompts": [e["prompt"] for e in readable]}
+
+
+@dataclass
+class OnlinePairs:
+    """What one online micro-batch trained on (``AdPOTrainer.online_pairs``)."""
+
+    prompts: list[str]
+    chosen: list[str]  # the policy's answers on clean_pixels
+    rejected: list[str]  # the policy's answers on adv_pixels
+    clean_pixels: torch.Tensor
+    adv_pixels: torch.Tensor
+
+
+class _SkipStepsWithoutPairs(TrainerCallback):
+    """``identical_pairs: drop``: an optimizer step whose micro-batches kept no pair on any process leaves the
+    weights as they were. A zero gradient would not (AdamW's weight decay and momentum still move them), so
+    the gradients are removed and AdamW skips every parameter."""
+
+    def __init__(self, trainer: "AdPOTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        kept = torch.tensor(float(trainer._kept_pairs), device=trainer.accelerator.device)
+        trainer._kept_pairs = 0
+        if trainer.accelerator.reduce(kept, reduction="sum").item() == 0:
+            for parameter in trainer.model.parameters():
+                parameter.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------
 class AdPOTrainer(DPOTrainer):
@@ -302,6 +498,8 @@ class AdPOTrainer(DPOTrainer):
 
     ``model`` is a loaded LLaVA-family model (``adpo.lvlm.load_lvlm``) and ``processing_class`` its
     processor; the trainer freezes everything but the tower itself (or wraps the tower in LoRA).
+    ``train_dataset`` is a pairs dataset (``pair_source: stored``) or rows of images and prompts
+    (``online``: :func:`online_images`, or any dataset with ``image`` and ``prompt`` columns).
     """
 
     _tag_names = ["trl", "dpo", "adpo"]
@@ -319,9 +517,13 @@ class AdPOTrainer(DPOTrainer):
     ):
         if not isinstance(args, AdPOConfig):
             raise TypeError(f"args must be an AdPOConfig, got {type(args).__name__}")
-        _check_pairs_dataset(train_dataset, "train_dataset")
-        if eval_dataset is not None:
-            _check_pairs_dataset(eval_dataset, "eval_dataset")
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if dataset is None:
+                continue
+            if args.pair_source == "online":
+                _check_online_dataset(dataset, name)
+            else:
+                _check_pairs_dataset(dataset, name)
         self.processor = processing_class
         self.view = LlavaView(model, processing_class)  # tokenisation + the policy tower in pixel space
 
@@ -351,7 +553,10 @@ class AdPOTrainer(DPOTrainer):
             model=model,
             ref_model=reference_tower,
             args=args,
-            data_collator=AdPODataCollator(self.view, max_length=args.max_length),
+            data_collator=(
+                OnlineImageCollator(processing_class) if args.pair_source == "online"
+                else AdPODataCollator(self.view, args.max_length, drop_identical=args.identical_pairs == "drop")
+            ),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -364,14 +569,20 @@ class AdPOTrainer(DPOTrainer):
             self._reference_view.encoder = self.accelerator.unwrap_model(self.ref_model)
         # LoRA: the policy tower now sits inside the PEFT wrapper.
         self.view.tower.encoder = find_vision_tower(self.accelerator.unwrap_model(self.model))
-        self._attack_calls = 0
+        self._seed_step, self._micro_batch = None, 0
+        self._generation_seconds = 0.0
+        self._kept_pairs = 0  # pairs in the loss since the last optimizer step (identical_pairs: drop)
+        self.online_pairs: OnlinePairs | None = None  # the last online micro-batch
+        if args.identical_pairs == "drop":
+            self.add_callback(_SkipStepsWithoutPairs(self))
         if args.tune == "full":
             logger.info(self.freeze_report.summary())
 
     # --- dataset columns ------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(REQUIRED_COLUMNS + REF_COLUMNS)
+            online = self.args.pair_source == "online"
+            self._signature_columns = list((SOURCE_INDEX,) + ONLINE_COLUMNS if online else REQUIRED_COLUMNS + REF_COLUMNS)
 
     # --- the reference --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -397,11 +608,13 @@ class AdPOTrainer(DPOTrainer):
             raise ValueError("AdPOTrainer computes no logits for compute_metrics; leave compute_metrics unset")
         mode = "train" if self.model.training else "eval"
         args = self.args
+        if args.pair_source == "online":
+            inputs = self._online_pairs(inputs, mode)
         clean, adv = inputs["clean_pixels"], inputs["adv_pixels"]
         batch = clean.shape[0]
-        online = args.adv_source == "online"
-        if online:
-            adv = self._online_adversarial(clean)
+        pair_weights = inputs.get("pair_weights")  # None: every pair counts
+        if pair_weights is not None and mode == "train":
+            self._kept_pairs += int(pair_weights.sum())
 
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         completion_mask = inputs["completion_mask"]
@@ -429,26 +642,27 @@ class AdPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps = logps[:batch], logps[batch : 2 * batch]
         lengths = answer_mask.sum(dim=1).float()
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(
-            inputs, pixels[: 2 * batch], input_ids[: 2 * batch], attention_mask[: 2 * batch], labels[: 2 * batch], online
+            inputs, pixels[: 2 * batch], input_ids[: 2 * batch], attention_mask[: 2 * batch], labels[: 2 * batch]
         )
 
-        pio_total = 0.0
+        pio_per_pair = 0.0
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             pio = pio_loss(
                 chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                 beta=self.beta, loss_type=loss_type, label_smoothing=self.label_smoothing,
                 chosen_lengths=lengths[:batch], rejected_lengths=lengths[batch : 2 * batch],
             )
-            pio_total = pio_total + weight * pio.loss
-        loss = pio_total
+            pio_per_pair = pio_per_pair + weight * pio.per_pair
+        per_pair = pio_per_pair
         metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
         if use_aio:
             aio = aio_loss(per_token_logps[2 * batch :], answer_mask[2 * batch :])
-            loss = loss + args.aio_weight * aio.loss
-            metrics["aio"].append(gather(aio.loss.detach()).mean().item())
+            per_pair = per_pair + args.aio_weight * aio.per_sample
+            metrics["aio"].append(gather(_pair_mean(aio.per_sample.detach(), pair_weights)).mean().item())
             metrics["logps/chosen_on_adv"].append(gather(logps[2 * batch :].detach()).mean().item())
-        metrics["pio"].append(gather(pio_total.detach()).mean().item())
+        loss = _pair_mean(per_pair, pair_weights)
+        metrics["pio"].append(gather(_pair_mean(pio_per_pair.detach(), pair_weights)).mean().item())
         chosen_rewards, rejected_rewards = pio.chosen_rewards, pio.rejected_rewards
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
@@ -459,14 +673,11 @@ class AdPOTrainer(DPOTrainer):
         metrics["drift/clean_embedding"].append(gather(self._clean_drift(clean)).mean().item())
         return loss
 
-    def _reference_logps(self, inputs, pixels, input_ids, attention_mask, labels, online: bool):
+    def _reference_logps(self, inputs, pixels, input_ids, attention_mask, labels):
         """π_ref log-probs of [y_w | x] and [y_l | x_adv]: stored ones when allowed, else one reference forward."""
         batch = pixels.shape[0] // 2
         stored_chosen = inputs.get("ref_chosen_logps") if self.args.use_stored_ref_logps else None
-        # A stored rejected log-prob was scored on the stored x_adv, not on this step's online one.
-        stored_rejected = (
-            inputs.get("ref_rejected_logps") if self.args.use_stored_ref_logps and not online else None
-        )
+        stored_rejected = inputs.get("ref_rejected_logps") if self.args.use_stored_ref_logps else None
         rows = [r for r, stored in ((0, stored_chosen), (1, stored_rejected)) if stored is None]
         computed: dict[int, torch.Tensor] = {}
         if rows:
@@ -488,15 +699,48 @@ class AdPOTrainer(DPOTrainer):
         ref_rejected = computed[1] if 1 in computed else stored_rejected.to(pixels.device)
         return ref_chosen.float(), ref_rejected.float()
 
-    def _online_adversarial(self, clean: torch.Tensor) -> torch.Tensor:
+    # --- online pairs ---------------------------------------------------------------------------------
+    def _online_pairs(self, inputs: dict[str, Any], mode: str) -> dict[str, torch.Tensor]:
+        """This micro-batch's pairs: x_adv against the current tower, then y_w on x and y_l on x_adv from the
+        current policy (trained tower, frozen LLM), tokenised as stored pairs are."""
+        clean, prompts = inputs["clean_pixels"], list(inputs["prompts"])
+        batch = clean.shape[0]
+        # (seed, step, micro-batch, rank): reproducible, and a resumed run draws what an uninterrupted one would.
+        seed = f"{self.args.seed}:{self.state.global_step}:{self._micro_batch}:{self.accelerator.process_index}"
+        self._micro_batch += 1
+        adv = self._online_adversarial(clean, zlib.crc32(f"{seed}:attack".encode()))
+        started = time.perf_counter()
+        answers = self._generate(torch.cat([clean, adv]), prompts * 2, zlib.crc32(f"{seed}:sample".encode()))
+        self._generation_seconds += time.perf_counter() - started
+        chosen, rejected = answers[:batch], answers[batch:]
+        self.online_pairs = OnlinePairs(prompts, chosen, rejected, clean, adv)
+
+        pairs = {key: value.to(clean.device) for key, value in
+                 encode_pairs(self.view, prompts, chosen, rejected, self.args.max_length).items()}
+        pairs.update(clean_pixels=clean, adv_pixels=adv)
+        distinct = distinct_pairs(chosen, rejected).to(clean.device)
+        if self.args.identical_pairs == "drop":
+            pairs["pair_weights"] = distinct
+        identical_rate = self.accelerator.gather_for_metrics(1 - distinct).mean().item()
+        self._metrics[mode]["online/identical_rate"].append(identical_rate)
+        self._metrics[mode]["online/changed_rate"].append(1 - identical_rate)
+        return pairs
+
+    def _generate(self, pixels: torch.Tensor, prompts: list[str], seed: int) -> list[str]:
+        """The policy's answers, in eval mode; sampling draws from ``seed`` without touching the global RNG state."""
+        settings = self.args.decoding()
+        devices = [] if pixels.device.type == "cpu" else [pixels.device]
+        with attack_mode([self.view.model]), torch.random.fork_rng(devices=devices, device_type=pixels.device.type):
+            if settings["do_sample"]:
+                torch.manual_seed(seed)
+            return self.view.generate(pixels, prompts, **settings)
+
+    def _online_adversarial(self, clean: torch.Tensor, seed: int) -> torch.Tensor:
         """PGD on ‖φ_θ(x_adv) − φ_orig(x)‖² with the current tower against the frozen original one."""
         which = self.args.attack_embedding
         with torch.no_grad(), self._reference() as (_, reference_view):
             target = reference_view.embed(clean, which)
         objective = EmbeddingDistance(lambda x: self.view.tower.embed(x, which), target, modules=(self.view.tower,))
-        # Seeded by (seed, step, micro-batch, rank): reproducible, and a resumed run draws what an uninterrupted one would.
-        seed = zlib.crc32(f"{self.args.seed}:{self.state.global_step}:{self._attack_calls}:{self.accelerator.process_index}".encode())
-        self._attack_calls += 1
         generator = torch.Generator(device=clean.device).manual_seed(seed)
         result = pgd(objective, clean, self.args.threat(), self.args.attack_steps, generator=generator)
         return result.x_adv.detach()
@@ -518,9 +762,16 @@ class AdPOTrainer(DPOTrainer):
         return loss.detach(), None, None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step != getattr(self, "_attack_step", None):
-            self._attack_step, self._attack_calls = self.state.global_step, 0
-        return super().training_step(model, inputs, num_items_in_batch)
+        if self.state.global_step != self._seed_step:
+            self._seed_step, self._micro_batch = self.state.global_step, 0
+        if self.args.pair_source != "online":
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._generation_seconds = 0.0
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Share of this micro-batch's attack + generation + forward + backward spent generating the answers.
+        self._metrics["train"]["online/generation_share"].append(self._generation_seconds / (time.perf_counter() - started))
+        return loss
 
     # --- saving ---------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -578,7 +829,8 @@ class AdPOTrainer(DPOTrainer):
             "method": "AdPO (PIO + lambda*AIO), arXiv 2504.01735",
             "adpo_version": adpo.__version__,
             "base_model": args.model_name_or_path,
-            "dataset": args.dataset_path,
+            "pair_source": args.pair_source,
+            "dataset": args.dataset_path if args.pair_source == "stored" else args.image_source,
             "beta": args.beta,
             "aio_weight": args.aio_weight,
             "loss_type": list(args.loss_type),
@@ -596,6 +848,9 @@ class AdPOTrainer(DPOTrainer):
         if args.adv_source == "online":
             card["attack"] = {"norm": args.attack_norm, "eps": parse_eps(args.attack_eps), "steps": args.attack_steps,
                               "step_size": args.attack_step_size, "embedding": args.attack_embedding}
+        if args.pair_source == "online":
+            card["online_pairs"] = {"prompts": args.prompt_list() or f"the source's questions ({args.question_column})",
+                                    "decoding": args.decoding(), "identical_pairs": args.identical_pairs}
         if args.tune == "lora":
             card["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_target_modules)}
         if self.freeze_report is not None:
@@ -604,6 +859,23 @@ class AdPOTrainer(DPOTrainer):
         if logged:
             card["last_train_log"] = logged[-1]
         return card
+
+
+def _pair_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the pairs, or over the pairs with weight 1 (0 when none is left: no gradient, no NaN)."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp(min=1)
+
+
+def _check_online_dataset(dataset: Dataset, name: str) -> None:
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        raise TypeError(f"{name} must be a non-empty datasets.Dataset of images and prompts: online_images(open_source(...), "
+                        f"prompts), got {type(dataset).__name__}")
+    missing = [c for c in ONLINE_COLUMNS if c not in dataset[0]]
+    if missing:
+        raise ValueError(f"{name} rows lack {missing}; pair_source: online needs rows with {ONLINE_COLUMNS}: use "
+                         "online_images(open_source(...), prompts)")
 
 
 def _check_pairs_dataset(dataset: Dataset, name: str) -> None:
@@ -662,19 +934,40 @@ def load_pairs(path: str, split: str = "train") -> Dataset:
     return load_dataset(path, split=split)
 
 
+def open_online_images(args: AdPOConfig) -> Dataset:
+    """The image source of ``pair_source: online`` with its prompts; reads no model."""
+    hf_columns = {"image_column": args.image_column}
+    if args.question_column:
+        hf_columns["question_column"] = args.question_column
+    source = open_source(args.image_source, split=args.image_split, n=args.max_images, image_root=args.image_root,
+                         **hf_columns)
+    images = online_images(source, args.prompt_list(), seed=args.seed)
+    if args.use_source_questions and not source[0].questions:
+        raise ValueError(f"use_source_questions: {source.name} has no questions; set question_column (a HF dataset's "
+                         "question column) or use_source_questions: false")
+    return images
+
+
 def build_trainer(args: AdPOConfig) -> AdPOTrainer:
-    if not args.model_name_or_path or not args.dataset_path:
-        raise ValueError("set model_name_or_path and dataset_path in the config (or pass --model_name_or_path ... "
-                         "--dataset_path ...)")
+    if not args.model_name_or_path:
+        raise ValueError("set model_name_or_path in the config (or pass --model_name_or_path ...)")
+    eval_dataset = None
+    if args.pair_source == "online":
+        if args.dataset_path:
+            logger.warning("pair_source: online generates its pairs; dataset_path %s is not read", args.dataset_path)
+        train_dataset = open_online_images(args)
+    else:
+        if not args.dataset_path:
+            raise ValueError("pair_source: stored needs dataset_path (an `adpo pairs` output directory), or set "
+                             "pair_source: online with an image_source")
+        train_dataset = load_pairs(args.dataset_path, args.dataset_split)
+    if args.eval_fraction > 0:
+        split = train_dataset.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
     model, processor = load_lvlm(args.model_name_or_path, dtype=args.model_dtype)
     if not args.keep_tower_dtype:
         find_vision_tower(model).float()  # fp32 master weights for the trained tower; autocast runs the matmuls
-    pairs = load_pairs(args.dataset_path, args.dataset_split)
-    eval_dataset = None
-    if args.eval_fraction > 0:
-        split = pairs.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        pairs, eval_dataset = split["train"], split["test"]
-    return AdPOTrainer(model, args, train_dataset=pairs, eval_dataset=eval_dataset, processing_class=processor)
+    return AdPOTrainer(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processor)
 
 
 def main(argv: list[str] | None = None) -> int:
