@@ -1,7 +1,8 @@
 """From files and PIL images to pixel-space tensors: the one preprocessing path of adpo.
 
 Images become float tensors ``[B, 3, H, W]`` in [0, 1] at the model's resolution, resized and
-cropped exactly as the model's image processor does, but **not normalised** (normalisation happens
+cropped exactly as the model's image processor does (optionally padded to a square first, as original
+LLaVA-1.5 does), but **not normalised** (normalisation happens
 inside the model wrappers, so attacks and ε-balls live in pixel space). Because the processor resizes
 uint8 images, every value is k/255: a lossless PNG round trip reproduces the tensor exactly.
 """
@@ -82,10 +83,24 @@ def image_processor_of(processor: Any) -> Any:
     return getattr(processor, "image_processor", processor)
 
 
-def to_pixels(images: Sequence[Any] | Any, processor: Any) -> torch.Tensor:
+def _expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """``image`` centred on a square canvas of colour ``fill`` whose side is the image's longer side."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def to_pixels(images: Sequence[Any] | Any, processor: Any, pad_to_square: bool = False) -> torch.Tensor:
     """Resize and crop ``images`` as ``processor`` does and return float pixels on the k/255 grid, ``[B, 3, H, W]``.
 
-    ``processor`` is an image processor or a processor holding one (e.g. ``LlavaProcessor``).
+    ``processor`` is an image processor or a processor holding one (e.g. ``LlavaProcessor``). llava-hf's
+    processors resize the shorter side and centre-crop (a 640×427 image keeps 67 % of its width);
+    ``pad_to_square`` first pads each image to a square in the processor's mean colour, as original
+    LLaVA-1.5 does (its ``expand2square``), so the whole image is seen.
     """
     if not isinstance(images, (list, tuple)):
         images = [images]
@@ -93,6 +108,10 @@ def to_pixels(images: Sequence[Any] | Any, processor: Any) -> torch.Tensor:
         raise ValueError("to_pixels needs at least one image")
     rgb = [load_rgb(image) for image in images]
     image_processor = image_processor_of(processor)
+    if pad_to_square:
+        # LLaVA-1.5's colour: the normalisation mean, truncated to 8 bits, so the bands normalise to about zero.
+        fill = tuple(int(255 * channel) for channel in image_processor.image_mean)
+        rgb = [_expand_to_square(image, fill) for image in rgb]
     out = image_processor(images=rgb, do_normalize=False, do_rescale=True, return_tensors="pt")
     # Snap to the 8-bit grid: PIL-backed processors already return k/255, but torchvision-backed ("fast")
     # ones resize in float. On the grid, clean images and attacks saved as PNG round-trip exactly.

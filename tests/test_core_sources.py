@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adpo.sources import CocoSource, FolderSource, HFDatasetSource, open_source
@@ -71,3 +72,25 @@ def test_hf_dataset_source_reads_vqa_columns(tmp_path):
     ).save_to_disk(tmp_path / "vqa")
     record = open_source(str(tmp_path / "vqa"), question_column="question", answers_column="answers")[0]
     assert record.questions == ["what color?"] and record.answers == [["black", "dark"]]
+
+
+def test_pad_to_square_centres_the_image_between_bands_of_the_mean_colour():
+    from adpo.preprocess import to_pixels
+    from adpo.testing import tiny_image_processor
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (10, 20, 3), dtype=np.uint8)  # 20 wide, 10 high
+    processor = tiny_image_processor(20)  # the padded 20x20 square needs no resize
+    fill = torch.tensor([int(255 * m) for m in processor.image_mean]) / 255
+    padded = to_pixels(Image.fromarray(wide), processor, pad_to_square=True)[0]
+    assert padded.shape == (3, 20, 20)
+    assert torch.equal(padded[:, 5:15], torch.from_numpy(wide).permute(2, 0, 1) / 255)
+    for band in (padded[:, :5], padded[:, 15:]):
+        assert torch.equal(band, fill[:, None, None].expand_as(band))
+    # Without padding the processor resizes the short side and centre-crops: the sides of the image are lost.
+    cropped = to_pixels(Image.fromarray(wide), processor)[0]
+    assert cropped.shape == (3, 20, 20) and not torch.equal(cropped, padded)
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))  # 10 wide, 20 high: bands left and right
+    padded_tall = to_pixels(Image.fromarray(tall), processor, pad_to_square=True)[0]
+    assert torch.equal(padded_tall[:, :, 5:15], torch.from_numpy(tall).permute(2, 0, 1) / 255)
+    assert torch.equal(padded_tall[:, :, :5], fill[:, None, None].expand(3, 20, 5))

@@ -29,3 +29,59 @@ def test_bad_config_values_name_the_key():
         EvalConfig(task="segmentation")
     with pytest.raises(ValueError, match="precision_schedule"):
         EvalConfig(precision_schedule=["fp8"])
+
+
+def coco_layout(root, sizes=((40, 20), (20, 30))):
+    """The standard COCO layout: annotations/captions_val2014.json beside val2014/ with the image files."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for index, (width, height) in enumerate(sizes, start=1):
+        name = f"COCO_val2014_{index:012d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "val2014" / name)
+        images.append({"id": index, "file_name": name})
+        annotations.append({"image_id": index, "caption": f"picture number {index}"})
+    path = root / "annotations" / "captions_val2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_coco_layout_reads_images_from_image_root(tmp_path):
+    from adpo.eval.loading import load_samples
+
+    annotations = coco_layout(tmp_path / "coco")
+    config = EvalConfig(task="caption", data=str(annotations), num_samples=2, image_root=str(tmp_path / "coco" / "val2014"))
+    samples, _ = load_samples(config)
+    assert [s.references for s in samples] == [["picture number 1"], ["picture number 2"]]
+    assert [s.image.size for s in samples] == [(40, 20), (20, 30)]
+    with pytest.raises(ValueError, match="set image_root"):  # the images are not beside the json
+        load_samples(EvalConfig(task="caption", data=str(annotations), num_samples=2))
+    with pytest.raises(ValueError, match="image_root='nowhere' is not a directory"):
+        load_samples(EvalConfig(task="caption", data=str(annotations), image_root="nowhere"))
+
+
+def test_prepare_pads_to_square_when_asked(tmp_path):
+    import torch
+
+    from adpo.eval.loading import prepare
+    from adpo.preprocess import to_pixels
+    from adpo.sources import open_source
+    from adpo.testing import tiny_llava
+
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    annotations = coco_layout(tmp_path / "coco")
+    images = [record.image for record in open_source(str(annotations), image_root=str(tmp_path / "coco" / "val2014"))]
+    config = dict(model=str(tmp_path / "model"), task="caption", data=str(annotations), num_samples=2,
+                  image_root=str(tmp_path / "coco" / "val2014"))
+    _, _, padded, _ = prepare(EvalConfig(**config, pad_to_square=True))
+    _, _, cropped, _ = prepare(EvalConfig(**config))
+    assert torch.equal(padded, to_pixels(images, processor, pad_to_square=True))
+    assert torch.equal(cropped, to_pixels(images, processor)) and not torch.equal(padded, cropped)

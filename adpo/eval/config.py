@@ -28,6 +28,8 @@ class EvalConfig:
     task: str = field(default="vqa", metadata={"help": "vqa | caption | targeted | zeroshot."})
     data: str = field(default="world:test", metadata={"help": "world:<split>, a datasets.save_to_disk dir, or a hub dataset id."})
     split: str = field(default="test", metadata={"help": "Split for hub datasets."})
+    image_root: str | None = field(default=None, metadata={"help": "COCO .json data: the folder holding the image files "
+                                                                   "(e.g. val2014/ beside annotations/); default: the json's folder."})
     num_samples: int = field(default=64, metadata={"help": "Number of evaluated samples (VQA: questions)."})
     questions_per_image: int = field(default=1, metadata={"help": "VQA on datasets with several questions per image."})
     image_column: str = field(default="image", metadata={"help": "HF datasets: the image column."})
@@ -39,6 +41,8 @@ class EvalConfig:
     question_suffix: str = field(default="", metadata={"help": "VQA: appended to each question, e.g. ' Answer with a single word.'"})
     class_prompt: str = field(default="a photo of a {}", metadata={"help": "zeroshot: text prompt per class name."})
     max_new_tokens: int = field(default=0, metadata={"help": "Generation length; 0 = per-task default (VQA 10, caption 30, targeted 30)."})
+    pad_to_square: bool = field(default=False, metadata={"help": "Pad each image to a square in the processor's mean colour "
+                                                                 "before resizing, as original LLaVA-1.5 does (llava-hf's processor centre-crops)."})
 
     # -- threat model and attack
     eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": "Epsilons ('2/255', 0.0078, 2, or 'world')."})

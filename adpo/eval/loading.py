@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
     """
     from adpo.sources import open_source
 
+    if config.image_root is not None and not Path(config.image_root).expanduser().is_dir():
+        raise ValueError(f"image_root={config.image_root!r} is not a directory; set it to the folder of the image files "
+                         "(for COCO, e.g. data/coco/val2014).")
     hf_columns: dict[str, Any] = {"image_column": config.image_column}
     if config.task == "zeroshot":
         hf_columns["label_column"] = config.label_column
@@ -41,7 +45,7 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
         hf_columns.update(question_column=config.question_column, answers_column=config.answers_column)
     is_world = config.data == "world" or config.data.startswith("world:")
     source = open_source(config.data, split=config.split, n=_images_needed(config), labelled=config.task == "zeroshot",
-                         **({} if is_world else hf_columns))
+                         image_root=config.image_root, **({} if is_world else hf_columns))
     samples: list[Sample] = []
     skipped = []
     for index in range(len(source)):
@@ -75,6 +79,9 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
             break
     if skipped:
         print(f"adpo eval: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}")
+    if not samples and skipped:
+        raise ValueError(f"{config.data}: none of its images could be read ({skipped[0]}); for a COCO .json set image_root "
+                         "to the folder of the image files.")
     if not samples:
         raise ValueError(f"{config.data} gave no usable samples for task {config.task!r}.")
     return samples[: config.num_samples], getattr(source, "class_names", None)
@@ -137,7 +144,7 @@ def prepare(config: EvalConfig):
         model, processor = build_zeroshot_model(config, class_names or [])
     else:
         model, processor = build_generative_model(config)
-    pixels = to_pixels([s.image for s in samples], processor)
+    pixels = to_pixels([s.image for s in samples], processor, pad_to_square=config.pad_to_square)
     for sample in samples:
         sample.image = None  # the pixels are all the protocol needs; drop the decoded images
     return model, samples, pixels, class_names
