@@ -320,6 +320,12 @@ class LlavaView:
         if generation_eos is None:
             generation_eos = self.tokenizer.eos_token_id
         self.eos_token_ids = set([generation_eos] if isinstance(generation_eos, int) else list(generation_eos or []))
+        if not self.eos_token_ids:
+            raise ValueError("neither the generation config nor the tokenizer names an end-of-sequence token; set "
+                             "model.generation_config.eos_token_id so answers can end where generation stops")
+        # Their texts, the tokenizer's own EOS first: the token a chat template's missing end of turn is written as.
+        eos_ids = sorted(self.eos_token_ids, key=lambda i: (i != self.tokenizer.eos_token_id, i))
+        self.end_of_turn_tokens = [self.tokenizer.convert_ids_to_tokens(int(i)) for i in eos_ids]
 
     @property
     def device(self) -> torch.device:
@@ -343,19 +349,22 @@ class LlavaView:
     def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None) -> EncodedPrompts:
         """Token ids (left-padded) for ``questions``; with ``answers``, labels mark the answer tokens.
 
-        The answer is cut after its first end-of-turn token: that is where greedy generation stops, so
-        "every answer token is the greedy prediction" means "generation reproduces the answer".
+        The prompt's ids are exactly what ``processor(images=..., text=prompt)`` gives (BOS included where the
+        tokenizer adds it). The answer is the assistant turn as the model was trained on it: the answer's tokens
+        and the end-of-turn token, nothing else (:meth:`completion_text`). That is where greedy generation stops,
+        so "every answer token is the greedy prediction" means "generation reproduces the answer".
         """
         if answers is not None and len(answers) != len(questions):
             raise ValueError(f"got {len(questions)} questions but {len(answers)} answers")
         prompts = [self.format_prompt(q) for q in questions]
         rows, label_rows = [], []
         for i, prompt in enumerate(prompts):
-            prompt_ids = self.tokenizer(self._expand_image_tokens(prompt), add_special_tokens=False)["input_ids"]
+            expanded = self._expand_image_tokens(prompt)
+            prompt_ids = self._tokenize(expanded)
             if answers is None:
                 rows.append(prompt_ids)
                 continue
-            answer_ids = self._answer_ids(prompt, answers[i])
+            answer_ids = self._answer_ids(expanded, prompt_ids, self.completion_text(questions[i], answers[i]))
             rows.append(prompt_ids + answer_ids)
             label_rows.append([-100] * len(prompt_ids) + answer_ids)
         width = max(len(r) for r in rows)
@@ -370,26 +379,46 @@ class LlavaView:
                 labels[i, width - len(row):] = torch.tensor(label_rows[i])
         return EncodedPrompts(input_ids, attention_mask, labels, prompts)
 
-    def _answer_ids(self, prompt: str, answer: str) -> list[int]:
+    def _tokenize(self, text: str) -> list[int]:
+        """Ids of a rendered conversation as the processor makes them: with the tokenizer's special tokens (Llama's
+        ``<s>``) unless the template wrote the BOS itself (the rule of ``apply_chat_template(tokenize=True)``)."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def completion_text(self, question: str, answer: str) -> str:
+        """The assistant turn after the generation prompt, as text ending with its end-of-turn token.
+
+        Rendered by the chat template and cut after the first end-of-turn token (ChatML's trailing newline and
+        the like are not part of the answer). Templates that render the turn without one (llava-hf's LLaVA-1.5:
+        "ASSISTANT: {answer} ") get the model's end-of-sequence token in place of the trailing whitespace, since
+        the model was trained on "ASSISTANT: {answer}</s>".
+        """
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else None
-        if template_owner is not None:
-            conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\x00"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            ]
-            full = template_owner.apply_chat_template(conversation, tokenize=False)
-            user_only = [conversation[0]]
-            prefix = template_owner.apply_chat_template(user_only, add_generation_prompt=True, tokenize=False)
-            if not full.startswith(prefix):
-                raise ValueError("the chat template renders the assistant turn in a way adpo cannot split; pass answers as plain text")
-            completion = full[len(prefix):]
+        if template_owner is None:
+            completion = " " + answer
         else:
-            completion = " " + answer + (self.tokenizer.eos_token or "")
-        ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-        for position, token in enumerate(ids):
-            if token in self.eos_token_ids:
-                return ids[: position + 1]
-        return ids
+            user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+            full = template_owner.apply_chat_template([user, assistant], tokenize=False)
+            prefix = template_owner.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+            if not full.startswith(prefix):
+                raise ValueError("the chat template renders the assistant turn in a way adpo cannot split from the "
+                                 f"generation prompt ({prefix[-40:]!r} is not a prefix of {full[-60:]!r})")
+            completion = full[len(prefix):]
+        ends = [(completion.find(token), token) for token in self.end_of_turn_tokens if token in completion]
+        if ends:
+            position, token = min(ends)
+            return completion[: position + len(token)]
+        return completion.rstrip() + self.end_of_turn_tokens[0]
+
+    def _answer_ids(self, prompt: str, prompt_ids: list[int], completion: str) -> list[int]:
+        """The completion's ids as they follow the prompt in one tokenisation of the whole conversation (the way
+        the model was trained); where the answer's first token would merge with the prompt's last, the
+        completion tokenised on its own (the way generation, which starts after the prompt's ids, produces it)."""
+        full = self._tokenize(prompt + completion)
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            return full[len(prompt_ids):]
+        return self.tokenizer(completion, add_special_tokens=False)["input_ids"]
 
     # --- forward passes ------------------------------------------------------------------------------
     def answer_scores(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> AnswerScores:
