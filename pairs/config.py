@@ -53,6 +53,11 @@ class PairsConfig:
     id_column: str | None = field(default=None, metadata={"help": "HF dataset: column with a stable id (default: row index)."})
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
+    pad_to_square: bool = field(
+        default=False,
+        metadata={"help": "Pad each image to a square in the processor's mean colour before resizing, as original LLaVA-1.5 "
+                          "does (llava-hf's processor centre-crops). The stored images are square, so training sees the same."},
+    )
 
     # --- prompts
     prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (adpo.prompts.PROMPT_SETS)."})

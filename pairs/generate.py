@@ -210,7 +210,7 @@ def _load_model(config: PairsConfig, device: torch.device):
     return model.eval(), processor
 
 
-def _shard_images(source: RunImages, shard: ShardPlan, processor) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _shard_images(source: RunImages, shard: ShardPlan, processor, pad_to_square: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Pixels of the shard's readable images (processor resize/crop, [0,1]) and the skipped ones with reasons."""
     images: dict[str, torch.Tensor] = {}
     skipped: list[dict] = []
@@ -219,7 +219,7 @@ def _shard_images(source: RunImages, shard: ShardPlan, processor) -> tuple[dict[
             skipped.append({"source_id": source_id, "reason": image_or_error})
             continue
         try:
-            images[source_id] = to_pixels([image_or_error], processor)[0]
+            images[source_id] = to_pixels([image_or_error], processor, pad_to_square=pad_to_square)[0]
         except ImageLoadError as error:
             skipped.append({"source_id": source_id, "reason": error.reason})
     return images, skipped
@@ -273,7 +273,7 @@ def run(config: PairsConfig) -> dict:
         with bar:
             for shard in todo:
                 started = time.perf_counter()
-                images, skipped = _shard_images(source, shard, processor)
+                images, skipped = _shard_images(source, shard, processor, config.pad_to_square)
                 bar.update(sum(1 for item in shard.items if item.source_id not in images))
                 rows = rows_for_shard(generator, shard, images, config, config.model_name_or_path, bar)
                 record = {"skipped": skipped, "num_items": len(shard.items), "seconds": time.perf_counter() - started,

@@ -150,6 +150,18 @@ def test_stored_clean_image_is_exactly_what_the_attack_started_from(workspace, u
         assert torch.equal((expected * 255).round(), stored)
 
 
+def test_pad_to_square_reaches_the_stored_clean_image(workspace):
+    out = workspace / "padded"
+    run(make_config(workspace, out, max_images=1, prompts_per_image=1, pad_to_square=True))
+    row = load_pairs(out)[0]
+    _, processor = tiny_llava()
+    image = str(workspace / "images" / row["source_id"])
+    expected = to_pixels([image], processor, pad_to_square=True)[0]
+    stored = torch.from_numpy(np.asarray(row["image"], dtype=np.float32)).permute(2, 0, 1)
+    assert torch.equal((expected * 255).round(), stored)
+    assert not torch.equal(expected, to_pixels([image], processor)[0])  # the image is not square: padding shows
+
+
 def test_corrupt_images_are_skipped_and_reported(uninterrupted):
     out, summary, dataset = uninterrupted
     skipped = {entry["source_id"]: entry["reason"] for entry in summary["skipped_images"]}
