@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -192,6 +193,25 @@ def test_tecoa_trains_the_encoder_against_frozen_class_prompts(assets, tmp_path)
     clip = CLIPModel.from_pretrained(assets["clip"])
     original = canonical_encoder_state(clip.vision_model.state_dict())
     assert _changed(original, _weights(tmp_path / "run"))
+
+
+def test_tecoa_warns_only_when_the_text_towers_clip_weights_really_differ(assets, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    clip = CLIPModel.from_pretrained(assets["clip"])
+    # an LVLM stored in fp16 holds the CLIP tower rounded to fp16, loaded in fp16 or cast to fp32
+    for dtype in (torch.float16, torch.float32):
+        rounded = copy.deepcopy(clip.vision_model).half().to(dtype)
+        with caplog.at_level(logging.WARNING, logger="trainers.tecoa"):
+            tecoa._warn_if_different_vision_weights(clip, SimpleNamespace(encoder=rounded))
+        assert not caplog.records, f"false warning for an fp16-rounded tower loaded in {dtype}"
+    other = copy.deepcopy(clip.vision_model)
+    with torch.no_grad():
+        other.embeddings.patch_embedding.weight.add_(1e-2)
+    with caplog.at_level(logging.WARNING, logger="trainers.tecoa"):
+        tecoa._warn_if_different_vision_weights(clip, SimpleNamespace(encoder=other))
+    assert "differ" in caplog.text
 
 
 def test_tecoa_attack_raises_the_cross_entropy(assets, tmp_path):
