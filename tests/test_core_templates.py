@@ -136,3 +136,29 @@ def test_an_attack_on_the_models_own_answer_starts_unbroken_and_takes_steps(styl
     result = apgd(objective, pixels, ThreatModel(norm="linf", eps=8 / 255), 4,
                   generator=torch.Generator().manual_seed(0))
     assert (result.steps_run >= 1).all()
+
+
+def test_the_report_attacks_every_sample_whose_reference_is_its_own_answer():
+    """End to end on llava-hf's template: the evaluation's robust accuracy is at most the clean one and every
+    sample took gradient steps (on the old encoding every sample counted as broken before the attack: robust = clean,
+    zero steps)."""
+    from adpo.eval.config import EvalConfig
+    from adpo.eval.protocol import GenerativeModel, Sample, run_protocol
+
+    model, processor = template_llava("llava15", seed=0)
+    view = LlavaView(model, processor)
+    pixels = random_pixels(4, image_size=32, seed=3)
+    questions = ["What color is the shape?"] * 4
+    for eos_bias in torch.linspace(-0.3, 0.3, 121).tolist():
+        _allow_only_words_and_eos(model, processor, ["▁red", "▁blue", "▁circle", "▁square", "▁star"], eos_bias)
+        answers = view.generate(pixels, questions, max_new_tokens=8)
+        if all(answers) and all(len(view.encode([q], [a]).labels[0].ne(-100).nonzero()) < 8 for q, a in zip(questions, answers)):
+            break
+    samples = [Sample(f"s{i}", None, q, [a]) for i, (q, a) in enumerate(zip(questions, answers))]
+    config = EvalConfig(model="tiny", task="vqa", eps=["8/255"], steps=3, step_check_steps=0, num_examples=0,
+                        precision_schedule=["float32"], batch_size=8, vqa_targets=[], max_new_tokens=8)
+    report = run_protocol(config, GenerativeModel(view, 8), samples, pixels, write=False)
+    assert report["clean"]["exact_match"] == 1.0
+    assert report["robust"][0]["metrics"]["exact_match"] <= report["clean"]["exact_match"]
+    assert all(sample["robust"]["8/255"]["steps"] >= 1 for sample in report["samples"])
+    assert {c["check"]: c["status"] for c in report["sanity"]}["attack_took_steps"] == "pass"
