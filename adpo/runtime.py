@@ -61,6 +61,26 @@ def fit_precision_to_device(args: Any, dtype_fields: Sequence[str]) -> None:
         args.use_cpu = True
 
 
+def load_lvlm_for_tower_training(name_or_path: str, dtype: str | torch.dtype | None, keep_tower_dtype: bool = False):
+    """An LVLM in ``dtype`` whose vision tower holds float32 master weights equal to the checkpoint's own values.
+
+    Loaded straight in ``dtype``, the tower would be rounded whenever ``dtype`` differs from the stored one
+    (fp32 -> bf16, even fp16 -> bf16), and every tower tensor would be saved rounded, frozen ones included.
+    So the model is loaded as stored, the tower's weights are kept aside in float32, the model is cast and
+    the tower gets them back. ``keep_tower_dtype`` trains the tower in ``dtype`` instead (no master weights).
+    """
+    from adpo.lvlm import find_vision_tower, load_lvlm, resolve_dtype
+
+    model, processor = load_lvlm(name_or_path)
+    tower = find_vision_tower(model)
+    exact = None if keep_tower_dtype else {key: value.float() for key, value in tower.state_dict().items()}
+    if dtype is not None:
+        model.to(resolve_dtype(dtype))
+    if exact is not None:
+        tower.float().load_state_dict(exact)
+    return model, processor
+
+
 def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
     """The trained encoder inside a checkpoint (``<checkpoint>/encoder``), or an error naming what is missing."""
     encoder_dir = Path(checkpoint) / ENCODER_DIRNAME

@@ -78,7 +78,6 @@ from adpo.lvlm import (
     export_encoder,
     find_vision_tower,
     freeze_for_tower_training,
-    load_lvlm,
     put_encoder,
     resolve_dtype,
     save_encoder,
@@ -86,7 +85,12 @@ from adpo.lvlm import (
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
-from adpo.runtime import checkpoint_encoder_dir, fit_precision_to_device, write_requested_exports
+from adpo.runtime import (
+    checkpoint_encoder_dir,
+    fit_precision_to_device,
+    load_lvlm_for_tower_training,
+    write_requested_exports,
+)
 from adpo.sources import ImageSource, open_source
 from adpo.threat import ThreatModel, parse_eps
 
@@ -964,9 +968,8 @@ def build_trainer(args: AdPOConfig) -> AdPOTrainer:
     if args.eval_fraction > 0:
         split = train_dataset.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train_dataset, eval_dataset = split["train"], split["test"]
-    model, processor = load_lvlm(args.model_name_or_path, dtype=args.model_dtype)
-    if not args.keep_tower_dtype:
-        find_vision_tower(model).float()  # fp32 master weights for the trained tower; autocast runs the matmuls
+    # fp32 master weights for the trained tower, equal to the stored ones; autocast runs the matmuls
+    model, processor = load_lvlm_for_tower_training(args.model_name_or_path, args.model_dtype, args.keep_tower_dtype)
     return AdPOTrainer(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processor)
 
 
