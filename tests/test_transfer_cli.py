@@ -35,8 +35,7 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     target = write_lvlm(large, large_processor, tmp_path / "target")
     out = tmp_path / "grafted"
     argv = ["--encoder", str(tmp_path / "encoder"), "--target", target, "--out", str(out),
-            "--verify-data", image_folder(tmp_path / "images"), "--verify-samples", "4", "--max-new-tokens", "4",
-            "--robust-eps", "4/255", "--robust-steps", "1"]
+            "--verify-data", image_folder(tmp_path / "images"), "--verify-samples", "4", "--max-new-tokens", "4"]
     assert main(argv) == 0
     report = json.loads((out / "graft_report.json").read_text())
     assert report["donor"]["kind"] == "encoder directory" and report["donor"]["card"] == {"method": "test"}
@@ -48,7 +47,7 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     # the donor encoder and the grafted tower are the same weights on the same pixels
     assert verification["tower_cosine_llm_features_min"] > 0.9999
     assert verification["num_samples"] == 4 and 0.0 <= verification["answer_agreement_exact"] <= 1.0
-    assert "no reference answers" in verification["grafted_robust_note"]  # an image folder has no answers
+    assert not any("vqa_accuracy_robust" in key for key in verification)  # not asked for
     # the feature shift is measured with the target's projector on both towers, which differ here
     assert "eps=4/255" in verification["grafted_feature_shift_threat"]
     assert 0 < verification["original_feature_shift_mean"] != verification["grafted_feature_shift_mean"] > 0
@@ -174,3 +173,45 @@ def test_realign_trains_only_the_projector_and_lowers_caption_loss():
     assert after["vision_tower"] == before["vision_tower"] and after["language_model"] == before["language_model"]
     assert stats["caption_loss_last"] < stats["caption_loss_first"]
     assert all(p.requires_grad for p in model.parameters())  # requires_grad flags restored as they were
+
+
+def test_cli_robust_check_runs_on_a_saved_vqa_dataset(tmp_path, capsys):
+    import datasets
+
+    from adpo.lvlm import LlavaView
+
+    model, processor = tiny_llava(seed=2)
+    target = write_lvlm(model, processor, tmp_path / "target")
+    pixels = random_pixels(2, seed=5)
+    # The model's own answers as references (VQAv2's answer dicts), so clean accuracy is known.
+    own = LlavaView(model, processor).generate(pixels, ["what color is the circle ?"] * 2, max_new_tokens=4)
+    rows = {"image": to_uint8_images(pixels), "query": ["what color is the circle"] * 2,
+            "refs": [[{"answer": answer, "answer_confidence": "yes"}] * 4 for answer in own]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "vqa"))
+    argv = ["--encoder", target, "--target", target, "--out", str(tmp_path / "g"), "--verify-data", str(tmp_path / "vqa"),
+            "--verify-samples", "2", "--max-new-tokens", "4", "--feature-shift-eps", "", "--robust-eps", "8/255",
+            "--robust-steps", "1"]
+    # Without the columns the dataset has no reference answers: refused before any model loads.
+    assert main(argv) == 1 and "set question_column and answers_column" in capsys.readouterr().err
+    assert main(argv + ["--question-column", "query"]) == 1 and "set both" in capsys.readouterr().err
+    assert main(argv + ["--question-column", "query", "--answers-column", "refs", "--question-suffix", " ?"]) == 0
+    verification = json.loads((tmp_path / "g" / "graft_report.json").read_text())["verification"]
+    assert verification["vqa_accuracy_original"] == 1.0  # the questions, suffix included, are the ones answered above
+    assert verification["original_num_samples"] == verification["grafted_num_samples"] == 2
+    assert 0.0 <= verification["grafted_vqa_accuracy_robust"] <= verification["grafted_vqa_accuracy_clean"] == 1.0
+
+
+def test_shipped_transfer_configs_parse():
+    from pathlib import Path
+
+    from trl import TrlParser
+
+    from transfer.cli import TransferConfig
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "transfer").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        (config,) = TrlParser([TransferConfig]).parse_args_and_config(["--config", str(path)])
+        # a robust check needs reference answers: the world's, or named VQA columns of a saved dataset
+        if config.robust_eps:
+            assert config.verify_data.startswith("world") or (config.question_column and config.answers_column), path.name

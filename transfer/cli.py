@@ -37,7 +37,16 @@ class TransferConfig:
     adopt_donor_activation: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's activation"})
     adopt_donor_layer_norm_eps: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's layer-norm eps"})
     # verification
-    verify_data: str | None = field(default=None, metadata={"help": "world:SPLIT or a datasets directory (image, question(s), answer(s))"})
+    verify_data: str | None = field(default=None, metadata={"help": "world:SPLIT, a saved HF dataset (VQA: set question_column and "
+                                                                    "answers_column), an image folder or a COCO captions .json"})
+    question_column: str | None = field(default=None, metadata={"help": "saved HF dataset verify_data: the question column (one "
+                                                                        "question per row), as in adpo eval"})
+    answers_column: str | None = field(default=None, metadata={"help": "saved HF dataset verify_data: the reference answers (a list, "
+                                                                       "VQAv2's answer dicts, or one string), as in adpo eval"})
+    question_suffix: str = field(default="", metadata={"help": "appended to each question of verify_data, as in adpo eval (e.g. "
+                                                               "' Answer the question using a single word or phrase.')"})
+    pad_to_square: bool = field(default=False, metadata={"help": "pad each image to a square in the processor's mean colour before "
+                                                                 "resizing, as original LLaVA-1.5 does (llava-hf's processor centre-crops)"})
     verify_samples: int = field(default=32, metadata={"help": "number of images to verify on"})
     max_new_tokens: int = 16
     batch_size: int = 8
@@ -100,6 +109,13 @@ def transfer(config: TransferConfig) -> int:
     out = Path(config.out)
     if config.realign_out and not config.realign_data:
         raise ValueError("--realign-out needs --realign-data (caption data other than the verification images, e.g. world:train)")
+    if bool(config.question_column) != bool(config.answers_column):
+        raise ValueError("set both question_column and answers_column (the VQA columns of verify_data), or neither")
+    verify_is_world = bool(config.verify_data) and (config.verify_data == "world" or config.verify_data.startswith("world:"))
+    if config.robust_eps and config.verify_data and not (verify_is_world or config.answers_column):
+        raise ValueError(f"robust_eps needs reference answers but verify_data {config.verify_data!r} has none named: set "
+                         "question_column and answers_column to its VQA columns (a saved HF dataset), use world:SPLIT, "
+                         "or drop robust_eps")
     if not config.check_only:
         ensure_writable(out, config.overwrite)
         if config.realign_out:
@@ -120,11 +136,13 @@ def transfer(config: TransferConfig) -> int:
     geometry.raise_if_incompatible()
 
     robust = dict(eps=config.robust_eps, steps=config.robust_steps, norm=config.robust_norm,
-                  max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed)
-    samples = load_samples(config.verify_data, config.verify_samples) if config.verify_data else []
+                  max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
+                  pad_to_square=config.pad_to_square)
+    samples = load_samples(config.verify_data, config.verify_samples, question_column=config.question_column,
+                           answers_column=config.answers_column, question_suffix=config.question_suffix) if config.verify_data else []
     images = [s.image for s in samples]
     shift = dict(eps=config.feature_shift_eps, steps=config.feature_shift_steps, norm=config.robust_norm,
-                 batch_size=config.batch_size, seed=config.seed)
+                 batch_size=config.batch_size, seed=config.seed, pad_to_square=config.pad_to_square)
     # taken on the target before the graft and on the grafted model after it; reported as original_* / grafted_*
     measures = []
     if config.feature_shift_eps:
@@ -133,14 +151,16 @@ def transfer(config: TransferConfig) -> int:
         measures.append(lambda: robust_vqa_accuracy(model, processor, samples, **robust))
     original_answers, before = [], []
     if samples:
-        original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers")
+        original_answers = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "original answers",
+                                            pad_to_square=config.pad_to_square)
         before = [measure() for measure in measures]
 
     outcome = graft_encoder(model, processor, donor, options)
     report = grafted_summary(outcome, donor, config.target, out)
 
     def verification() -> dict:
-        grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers")
+        grafted = generate_answers(model, processor, samples, config.max_new_tokens, config.batch_size, "grafted answers",
+                                   pad_to_square=config.pad_to_square)
         section = answer_agreement(original_answers, grafted, samples)
         for measure, original in zip(measures, before):
             section |= {f"original_{k}": v for k, v in original.items()} | {f"grafted_{k}": v for k, v in measure().items()}
@@ -150,8 +170,8 @@ def transfer(config: TransferConfig) -> int:
         target_tower = VisionTower.from_lvlm(model, processor)
         donor_tower, donor_processor = donor_view(donor.encoder.to(LlavaView(model, processor).device), donor.image_mean,
                                                   donor.image_std, donor.image_processor, target_tower, processor)
-        report["verification"] = tower_agreement(donor_tower, target_tower, images,
-                                                 donor_processor, processor, config.batch_size) | verification()
+        report["verification"] = tower_agreement(donor_tower, target_tower, images, donor_processor, processor,
+                                                 config.batch_size, pad_to_square=config.pad_to_square) | verification()
     save_grafted(model, processor, out, report, overwrite=config.overwrite)
     print(f"grafted model written to {out} (report: {out / 'graft_report.md'})")
     _print_numbers(report.get("verification"))
@@ -159,7 +179,8 @@ def transfer(config: TransferConfig) -> int:
     if config.realign_out:
         captions = load_samples(config.realign_data, config.realign_samples, config.realign_caption_column)
         training = realign_projector(model, processor, captions, RealignConfig(
-            config.realign_steps, config.realign_learning_rate, config.realign_batch_size, seed=config.seed))
+            config.realign_steps, config.realign_learning_rate, config.realign_batch_size, seed=config.seed,
+            pad_to_square=config.pad_to_square))
         report["realignment"] = training | (verification() if samples else {})
         report["out_dir"] = config.realign_out
         save_grafted(model, processor, config.realign_out, report, overwrite=config.overwrite)

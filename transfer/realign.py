@@ -27,6 +27,7 @@ class RealignConfig:
     batch_size: int = 8
     prompt: str = "Describe the image."
     seed: int = 0
+    pad_to_square: bool = False  # adpo.preprocess.to_pixels: pad as original LLaVA-1.5 instead of centre-cropping
 
 
 def realign_projector(model: Any, processor: Any, samples: Sequence[Sample], config: RealignConfig) -> dict:
@@ -47,7 +48,7 @@ def realign_projector(model: Any, processor: Any, samples: Sequence[Sample], con
     for parameter in trainable:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
-    pixels = to_pixels([s.image for s in captioned], processor)
+    pixels = to_pixels([s.image for s in captioned], processor, pad_to_square=config.pad_to_square)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(captioned), generator=generator)
     losses: list[float] = []

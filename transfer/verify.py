@@ -41,19 +41,26 @@ class Sample:
     caption: str | None = None  # for projector re-alignment
 
 
-def load_samples(spec: str, n: int, caption_column: str | None = None) -> list[Sample]:
+def load_samples(spec: str, n: int, caption_column: str | None = None, question_column: str | None = None,
+                 answers_column: str | None = None, question_suffix: str = "") -> list[Sample]:
     """Up to ``n`` samples from an image source spec (see :func:`adpo.sources.open_source`: ``world:SPLIT``, a
-    saved HF dataset, an image folder, a COCO captions file). Image i asks its (i mod k)-th question (with
-    its answer) when the source has questions, else :data:`DEFAULT_QUESTION`; unreadable images are skipped.
-    ``caption_column`` names a saved HF dataset's caption column (COCO files and the world have captions)."""
+    saved HF dataset, an image folder, a COCO captions file). Image i asks its (i mod k)-th question plus
+    ``question_suffix`` (with its reference answers) when the source has questions, else :data:`DEFAULT_QUESTION`;
+    unreadable images are skipped. A saved HF dataset's columns are named as in ``adpo eval``: ``question_column``
+    (one question per row), ``answers_column`` (a list, VQAv2's answer dicts, or one string) and
+    ``caption_column`` (COCO files and the world have captions)."""
     samples = []
-    columns = {"caption_column": caption_column} if caption_column else {}
+    named = {"caption_column": caption_column, "question_column": question_column, "answers_column": answers_column}
+    columns = {key: value for key, value in named.items() if value}
     for index, record in enumerate(open_source(spec, n=n, **columns)):
         if record.image is None:
             continue
         pick = index % len(record.questions) if record.questions else 0
-        question = record.questions[pick] if record.questions else DEFAULT_QUESTION
-        answers = [record.answers[pick]] if record.questions and len(record.answers) == len(record.questions) else None
+        question = record.questions[pick] + question_suffix if record.questions else DEFAULT_QUESTION
+        answers = None
+        if record.questions and len(record.answers) == len(record.questions):
+            answers = record.answers[pick]
+            answers = list(answers) if isinstance(answers, (list, tuple)) else [answers]
         caption = record.captions[index % len(record.captions)] if record.captions else None
         samples.append(Sample(record.image, question, answers, caption))
     if not samples:
@@ -85,13 +92,13 @@ def donor_view(encoder: Any, image_mean: Sequence[float] | None, image_std: Sequ
 
 @torch.no_grad()
 def tower_agreement(donor_tower: VisionTower, grafted_tower: VisionTower, images: Sequence[Any], donor_processor: Any,
-                    target_processor: Any, batch_size: int = 16) -> dict:
+                    target_processor: Any, batch_size: int = 16, pad_to_square: bool = False) -> dict:
     """Per-image cosine of pooled and LLM-feature embeddings, donor vs grafted tower (mean and min)."""
     pooled, features = [], []
     same_resolution = donor_tower.image_size == grafted_tower.image_size
     for _, batch in tqdm(list(_batches(images, batch_size)), desc="tower agreement", leave=False):
-        target_pixels = to_pixels(batch, target_processor)
-        donor_pixels = target_pixels if same_resolution else to_pixels(batch, donor_processor)
+        target_pixels = to_pixels(batch, target_processor, pad_to_square=pad_to_square)
+        donor_pixels = target_pixels if same_resolution else to_pixels(batch, donor_processor, pad_to_square=pad_to_square)
         device = next(grafted_tower.encoder.parameters()).device
         donor_out = donor_tower(donor_pixels.to(next(donor_tower.encoder.parameters()).device))
         grafted_out = grafted_tower(target_pixels.to(device))
@@ -110,7 +117,7 @@ def tower_agreement(donor_tower: VisionTower, grafted_tower: VisionTower, images
 
 
 def feature_shift(model: Any, processor: Any, images: Sequence[Any], eps: str, steps: int = 10, norm: str = "linf",
-                  batch_size: int = 8, seed: int = 0) -> dict:
+                  batch_size: int = 8, seed: int = 0, pad_to_square: bool = False) -> dict:
     """How far a feature-space attack moves what ``model``'s LLM reads: PGD on the FARE objective, with the
     projector's output P(φ(x)) on the clean image as the reference, then ‖P(φ(x')) − P(φ(x))‖ / ‖P(φ(x))‖ per
     image (mean and max). Measured on the target before and after a graft, with the target's projector both times."""
@@ -126,7 +133,7 @@ def feature_shift(model: Any, processor: Any, images: Sequence[Any], eps: str, s
 
     shifts = []
     for _, batch in tqdm(list(_batches(images, batch_size)), desc="feature shift", leave=False):
-        pixels = to_pixels(batch, processor).to(device)
+        pixels = to_pixels(batch, processor, pad_to_square=pad_to_square).to(device)
         with torch.no_grad():
             clean = llm_input(pixels)
         objective = EmbeddingDistance(llm_input, clean, modules=[tower, projector])
@@ -140,12 +147,12 @@ def feature_shift(model: Any, processor: Any, images: Sequence[Any], eps: str, s
 
 
 def generate_answers(model: Any, processor: Any, samples: Sequence[Sample], max_new_tokens: int = 16,
-                     batch_size: int = 8, desc: str = "answers") -> list[str]:
+                     batch_size: int = 8, desc: str = "answers", pad_to_square: bool = False) -> list[str]:
     """Greedy answers of ``model`` to each sample's question."""
     view = LlavaView(model, processor)
     answers: list[str] = []
     for _, batch in tqdm(list(_batches(samples, batch_size)), desc=desc, leave=False):
-        pixels = to_pixels([s.image for s in batch], processor)
+        pixels = to_pixels([s.image for s in batch], processor, pad_to_square=pad_to_square)
         answers += view.generate(pixels, [s.question for s in batch], max_new_tokens=max_new_tokens)
     return answers
 
@@ -167,7 +174,7 @@ def answer_agreement(original: Sequence[str], grafted: Sequence[str], samples: S
 
 
 def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], eps: str, steps: int, norm: str = "linf",
-                        max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0) -> dict:
+                        max_new_tokens: int = 16, batch_size: int = 8, seed: int = 0, pad_to_square: bool = False) -> dict:
     """Clean and robust VQA accuracy by the evaluation protocol of :mod:`adpo.eval.protocol`, as a quick check:
     one ε, untargeted APGD on each reference answer's LM loss, one fp32 stage, no step check. For the full
     protocol run ``adpo eval`` on the saved directory."""
@@ -182,7 +189,7 @@ def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], e
                         precision_schedule=["float32"], vqa_targets=[], step_check_steps=0, batch_size=batch_size,
                         seed=seed, num_examples=0, progress=False, max_new_tokens=max_new_tokens)
     eval_samples = [EvalSample(str(i), None, s.question, list(s.answers)) for i, s in enumerate(scored)]
-    pixels = to_pixels([s.image for s in scored], processor)
+    pixels = to_pixels([s.image for s in scored], processor, pad_to_square=pad_to_square)
     report = run_protocol(config, GenerativeModel(LlavaView(model, processor), max_new_tokens), eval_samples, pixels, write=False)
     row = report["robust"][0]
     metric = report["primary_metric"]
