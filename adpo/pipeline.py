@@ -37,6 +37,9 @@ ORIGINAL = "original"
 # stage-config keys that name a model or encoder to load: a stage is redone when the weights behind one change
 MODEL_KEYS = ("model_name_or_path", "text_model_name_or_path", "model", "clip_model", "target", "encoder")
 METHODS = ("fare", "tecoa", "simclip", "adpo")
+# Each trainer's key for "train on the first N images" (AdPO with stored pairs: the pairs stage's images).
+TRAIN_IMAGES_KEYS = {"fare": "max_train_samples", "tecoa": "max_train_samples", "simclip": "max_train_samples",
+                     "adpo": "max_images"}
 
 
 @dataclass
@@ -55,6 +58,9 @@ class PipelineConfig:
     methods: list[str] = field(default_factory=lambda: ["fare", "tecoa", "adpo"])
     seed: int = 0
     eps: str | None = None  # None: each stage's default (the world's working ε for world models)
+    train_eps: str | None = None  # the trainers' attack ε when it differs from the evaluation's (default: eps)
+    train_images: int | None = None  # every method trains on the first N training images (one data budget)
+    versus: list[list[str]] = field(default_factory=list)  # head-to-head pairs of methods, e.g. [[adpo, fare]]
     pairs: StageSpec = field(default_factory=StageSpec)
     train: dict[str, StageSpec] = field(default_factory=dict)
     transfer: StageSpec = field(default_factory=StageSpec)
@@ -85,12 +91,19 @@ class PipelineConfig:
         config.eval = spec(raw.get("eval"), "eval")
         config.train = {name: spec(value, f"train.{name}") for name, value in (raw.get("train") or {}).items()}
         bad = [m for m in config.methods if m not in METHODS]
+        bad += [m for pair in config.versus for m in pair if m not in config.methods]
         if bad:
-            raise ValueError(f"{path}: unknown methods {bad}; choose from {list(METHODS)}")
+            raise ValueError(f"{path}: unknown methods {bad}; choose from {list(METHODS)} (versus names methods of the run)")
+        if any(len(pair) != 2 for pair in config.versus):
+            raise ValueError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
         missing = [m for m in config.methods if m not in config.train]
         if missing:
             raise ValueError(f"{path}: methods {missing} have no 'train.<method>' entry naming their base config")
         return config
+
+
+# Top-level keys `adpo run --set` may override (the stage sections are edited in the YAML).
+SETTABLE_KEYS = {"output_dir", "small_model", "large_model", "seed", "eps", "train_eps", "train_images", "eval_large"}
 
 
 @dataclass
@@ -152,19 +165,38 @@ def encoder_dir(train_dir: Path) -> Path:
     return nested if (nested / "config.json").exists() else train_dir
 
 
+def _resume_training(stage_config: dict[str, Any]) -> dict[str, Any]:
+    """A training stage killed half-way goes on from its newest checkpoint (none: from the start). Added when the
+    stage runs, not to its recorded settings: resuming changes no result, only the time it takes."""
+    return stage_config | {"resume_from_checkpoint": "last"}
+
+
 def _eval_name(method: str, size: str) -> str:
     """The report's row label, e.g. ``adpo (small)``."""
     return f"{method} ({size})"
 
 
+def online_adpo(config: PipelineConfig) -> bool:
+    """Whether AdPO makes its preference pairs online (no pairs stage to run first)."""
+    if "adpo" not in config.methods:
+        return False
+    spec = config.train["adpo"]
+    return {**_load_base(spec), **spec.overrides}.get("pair_source", "stored") == "online"
+
+
 def build_stages(config: PipelineConfig) -> list[Stage]:
     out = Path(config.output_dir)
     eps_keys = {} if config.eps is None else {"eps": config.eps}
+    train_eps = config.train_eps if config.train_eps is not None else config.eps
     stages: list[Stage] = []
 
     pairs_dir = out / "pairs"
-    if "adpo" in config.methods:
-        keys = {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed, **eps_keys}
+    online = online_adpo(config)
+    if "adpo" in config.methods and not online:
+        keys = {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed,
+                **({} if train_eps is None else {"eps": train_eps})}
+        if config.train_images is not None:
+            keys["max_images"] = config.train_images
         stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
 
     for method in config.methods:
@@ -174,13 +206,22 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         if method == "adpo":
             # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
             # base config says (the world's standalone WorldCLIP, whose vision tower the LVLMs share).
-            keys.update(model_name_or_path=config.small_model, dataset_path=str(pairs_dir / "run" / "dataset"))
-            inputs = ("pairs",)
-            if config.eps is not None:
-                keys["attack_eps"] = config.eps
+            keys["model_name_or_path"] = config.small_model
+            if online:
+                if config.train_images is not None:
+                    keys["max_images"] = config.train_images
+            else:
+                keys["dataset_path"] = str(pairs_dir / "run" / "dataset")
+                inputs = ("pairs",)
+            if train_eps is not None:
+                keys["attack_eps"] = train_eps
         else:
-            keys.update(eps_keys)
-        stages.append(_command_stage(f"train-{method}", train_dir, ["train", method], _merged_config(config.train[method], keys), inputs))
+            if train_eps is not None:
+                keys["eps"] = train_eps
+            if config.train_images is not None:
+                keys[TRAIN_IMAGES_KEYS[method]] = config.train_images
+        stages.append(_command_stage(f"train-{method}", train_dir, ["train", method], _merged_config(config.train[method], keys),
+                                     inputs, _resume_training))
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +263,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     report_dir = out / "report"
     # each encoder against the undefended model on the same LVLM, question by question
     baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
-    compare = ["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines]
+    versus = [arg for size, _ in sizes for first, second in config.versus
+              for arg in ("--versus", _eval_name(first, size), _eval_name(second, size))]
+    compare = ["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, *versus]
 
     def run_report() -> None:
         with atomic_directory(report_dir) as staging:
@@ -417,12 +460,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/quickstart.yaml")
     parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="override a top-level key of the pipeline YAML (the value is read as YAML), e.g. "
+                        "--set train_eps=8/255 --set train_images=512 (repeatable)")
     parser.add_argument("--force", action="store_true", help="redo every stage, even finished ones")
     parser.add_argument("--force-stage", action="append", default=[], metavar="NAME", help="redo this stage, and the stages that read it (repeatable)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this stage (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the stages and what a rerun would do with each (done, to do, resumes, redo and why), then exit")
     args = parser.parse_args(argv)
     config = PipelineConfig.from_yaml(args.config)
+    for assignment in args.assignments:
+        key, equals, value = assignment.partition("=")
+        if not equals or key not in SETTABLE_KEYS:
+            parser.error(f"--set {assignment!r}: use KEY=VALUE with KEY one of {sorted(SETTABLE_KEYS)}")
+        setattr(config, key, yaml.safe_load(value) if key not in ("eps", "train_eps") else value)
     if args.output_dir:
         config.output_dir = args.output_dir
     if args.list:

@@ -235,3 +235,19 @@ def test_compare_pairs_each_report_with_the_last_baseline_before_it(tmp_path):
     assert {row["baseline"] for row in default} == {"original (small)"} and len({row["name"] for row in default}) == 3
     with pytest.raises(ValueError, match="matches no report.*original \\(small\\)"):
         compare_reports(directories, tmp_path / "cmp3", baselines=["undefended"])
+
+
+def test_compare_versus_adds_a_head_to_head_comparison(tmp_path):
+    reports = {
+        "original": synthetic_report("original", robust={"2/255": (0, 0, 0, 0)}),
+        "fare": synthetic_report("fare", robust={"2/255": (1, 0, 0, 0)}),
+        "adpo": synthetic_report("adpo", robust={"2/255": (0, 1, 1, 0)}),
+    }
+    for name, report in reports.items():
+        write_report(report, tmp_path / name)
+    out = compare_reports([tmp_path / name for name in reports], tmp_path / "cmp", versus=[("adpo", "fare")])
+    head_to_head = [row for row in json.loads(out["json"].read_text())["paired"] if row["baseline"] == "fare"]
+    robust = next(row for row in head_to_head if row["column"] == "2/255")
+    assert (robust["name"], robust["gained"], robust["lost"]) == ("adpo", 2, 1)
+    with pytest.raises(ValueError, match="--versus"):
+        compare_reports([tmp_path / name for name in reports], tmp_path / "cmp2", versus=[("adpo", "tecoa")])

@@ -225,3 +225,63 @@ def test_bad_pipeline_configs_name_the_problem(tmp_path):
     path.write_text(yaml.safe_dump({"methods": ["adpo"]}))
     with pytest.raises(ValueError, match="no 'train.<method>' entry"):
         pipeline.PipelineConfig.from_yaml(path)
+
+
+def _study_config(tmp_path, **top):
+    content = {
+        "output_dir": str(tmp_path / "out"),
+        "methods": ["fare", "tecoa", "adpo"],
+        "eps": "4/255",
+        "train_eps": "8/255",
+        "train_images": 48,
+        "versus": [["adpo", "fare"]],
+        "train": {"fare": {"overrides": {"max_steps": 1}}, "tecoa": {"overrides": {"max_steps": 1}},
+                  "adpo": {"overrides": {"pair_source": "online", "image_source": "world", "max_steps": 1}}},
+        "eval": {"overrides": {"num_samples": 2}},
+        **top,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_online_adpo_needs_no_pairs_stage_and_every_method_gets_one_budget_and_eps(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+    pipeline.run_pipeline(pipeline.PipelineConfig.from_yaml(_study_config(tmp_path)))
+    assert ("pairs", "--config") not in [tuple(argv[:2]) for argv in calls]
+    trained = {m: yaml.safe_load((tmp_path / f"out/train/{m}/stage_config.yaml").read_text()) for m in ("fare", "tecoa", "adpo")}
+    assert "dataset_path" not in trained["adpo"] and trained["adpo"]["max_images"] == 48
+    assert trained["adpo"]["attack_eps"] == "8/255"
+    assert trained["fare"]["max_train_samples"] == trained["tecoa"]["max_train_samples"] == 48
+    assert trained["fare"]["eps"] == trained["tecoa"]["eps"] == "8/255"
+    # the evaluation keeps its own eps
+    assert yaml.safe_load((tmp_path / "out/eval/small-adpo/stage_config.yaml").read_text())["eps"] == ["4/255"]
+    compare = calls[-1]
+    versus = [compare[i + 1 : i + 3] for i, arg in enumerate(compare) if arg == "--versus"]
+    assert versus == [["adpo (small)", "fare (small)"], ["adpo (large)", "fare (large)"]]
+
+
+def test_a_training_stage_resumes_from_its_checkpoints_without_recording_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: None)
+    pipeline.run_pipeline(_config(tmp_path))
+    written = yaml.safe_load((tmp_path / "out/train/fare/stage_config.yaml").read_text())
+    assert written["resume_from_checkpoint"] == "last"
+    recorded = json.loads((tmp_path / "out/train/fare/STAGE_DONE.json").read_text())["settings"]
+    assert "resume_from_checkpoint" not in recorded
+
+
+def test_set_overrides_top_level_keys_and_refuses_others(tmp_path, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda config, **kwargs: seen.setdefault("config", config))
+    path = _study_config(tmp_path)
+    assert pipeline.main(["--config", str(path), "--set", "train_eps=4/255", "--set", "train_images=96"]) == 0
+    assert seen["config"].train_eps == "4/255" and seen["config"].train_images == 96
+    with pytest.raises(SystemExit):
+        pipeline.main(["--config", str(path), "--set", "methods=[adpo]"])
+    assert "--set 'methods=[adpo]'" in capsys.readouterr().err
+
+
+def test_versus_must_name_methods_of_the_run(tmp_path):
+    with pytest.raises(ValueError, match="versus"):
+        pipeline.PipelineConfig.from_yaml(_study_config(tmp_path, versus=[["adpo", "simclip"]]))

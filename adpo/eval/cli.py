@@ -24,8 +24,17 @@ def compare_main(argv: list[str]) -> int:
         help="report name to compare the following reports with, question by question (repeatable: each report goes "
         "against the last baseline before it; default: the first report)",
     )
+    parser.add_argument(
+        "--versus",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "OTHER"),
+        help="also compare report NAME with report OTHER question by question, head to head (repeatable)",
+    )
     args = parser.parse_args(argv)
-    paths = compare_reports(args.reports, args.out, names=args.names, baselines=args.baseline)
+    paths = compare_reports(args.reports, args.out, names=args.names, baselines=args.baseline,
+                            versus=[tuple(pair) for pair in args.versus])
     print(paths["markdown"].read_text(encoding="utf-8"))
     print(f"wrote {paths['markdown']}, {paths['json']} and {paths['plot']}")
     return 0

@@ -405,11 +405,13 @@ def compare_reports(
     out_dir: str | os.PathLike,
     names: Sequence[str] | None = None,
     baselines: Sequence[str] | None = None,
+    versus: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Path]:
     """One table and one chart from several reports of the same task (e.g. original, FARE, TeCoA, AdPO).
 
     Each report after a baseline is also compared with it sample by sample (``paired_comparison``): by default
     everything against the first report; ``baselines`` (report names) starts a new group at each one named.
+    ``versus`` adds head-to-head comparisons of two named reports (e.g. AdPO against FARE on one LVLM).
     """
     from adpo.eval.plots import plot_metric_vs_eps
 
@@ -440,6 +442,11 @@ def compare_reports(
         if base is not None
         for row in paired_comparison(report, reports[base], metric)
     ]
+    by_label = {report_label(r): r for r in reports}
+    unknown = [name for pair in versus for name in pair if name not in by_label]
+    if unknown:
+        raise ValueError(f"--versus {unknown} matches no report; the report names are {list(by_label)}")
+    paired += [row for first, second in versus for row in paired_comparison(by_label[first], by_label[second], metric)]
     if paired:
         lines += [
             "## Against the baseline, question by question",
