@@ -94,3 +94,22 @@ def test_pad_to_square_centres_the_image_between_bands_of_the_mean_colour():
     padded_tall = to_pixels(Image.fromarray(tall), processor, pad_to_square=True)[0]
     assert torch.equal(padded_tall[:, :, 5:15], torch.from_numpy(tall).permute(2, 0, 1) / 255)
     assert torch.equal(padded_tall[:, :, :5], fill[:, None, None].expand(3, 20, 5))
+
+
+def test_transformers_torchvision_fallback_warning_is_silenced_once_adpo_is_imported():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    def stderr_of(code):
+        env = os.environ | {"TRANSFORMERS_VERBOSITY": "warning"}  # the tests run quiet; a user's command does not
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stderr
+
+    message = "requires torchvision (not installed); falling back to"
+    if importlib.util.find_spec("torchvision") is None:  # only then does transformers warn at all
+        assert message in stderr_of("from transformers import CLIPImageProcessor")
+    assert message not in stderr_of("import adpo\nfrom transformers import CLIPImageProcessor")
+    # Only that message: the logger's other warnings still come through.
+    assert "another warning" in stderr_of("import adpo\nfrom transformers.utils import import_utils\n"
+                                          "import_utils.logger.warning('another warning')")
