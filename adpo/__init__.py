@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 class _TorchvisionFallbackFilter(logging.Filter):
     """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to ...Pil" warning.
 
-    Harmless here: adpo resizes through either backend and snaps the result to the 8-bit grid itself
-    (``adpo.preprocess.to_pixels``), so both give the same pixels. Only this message goes; the logger's others stay.
+    Harmless here: adpo does its own pixel-space preprocessing (``adpo.preprocess.to_pixels``, which snaps either
+    backend's output to the 8-bit grid), and the PIL backend is the classic processor the LLaVA checkpoints were
+    preprocessed with. Only this message goes; the logger's other messages stay.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
