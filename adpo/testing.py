@@ -6,6 +6,8 @@ from configs (no download), small enough that a forward and backward pass take m
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     CLIPImageProcessor,
@@ -194,16 +196,23 @@ def template_tokenizer(style: str):
 
 
 def template_llava(style: str, seed: int = 0, vision_config: CLIPVisionConfig | None = None,
-                   text_hidden_size: int = 48, text_layers: int = 2):
-    """A tiny random LLaVA whose processor has ``style``'s tokenizer and chat template (see :func:`template_tokenizer`)."""
+                   text_hidden_size: int = 48, text_layers: int = 2, text_config=None):
+    """A tiny random LLaVA whose processor has ``style``'s tokenizer and chat template (see :func:`template_tokenizer`).
+
+    ``text_config`` (e.g. a ``MistralConfig`` at a real model's width) replaces the tiny Llama LM; its vocabulary
+    size and special-token ids are set from the tokenizer."""
     tokenizer, template, end_of_turn = template_tokenizer(style)
     vision = vision_config or tiny_vision_config()
     eos_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, bos_token_id=tokenizer.bos_token_id,
-    )
+    if text_config is None:
+        text = LlamaConfig(
+            hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size, num_hidden_layers=text_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        )
+    else:
+        text = copy.deepcopy(text_config)  # the caller's config stays as given
+    text.vocab_size, text.pad_token_id = len(tokenizer), tokenizer.pad_token_id
+    text.eos_token_id, text.bos_token_id = eos_id, tokenizer.bos_token_id
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
