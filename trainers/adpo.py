@@ -286,11 +286,8 @@ class AdPOConfig(DPOConfig):
 
     def _online_problems(self) -> list[str]:
         problems = []
-        source = self.image_source
-        if not source:
-            problems.append("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
-                            "a hub dataset id or 'world')")
-        elif source.startswith((".", "/", "~")) or source.endswith(".json"):
+        source = self.image_source or ""
+        if source.startswith((".", "/", "~")) or source.endswith(".json"):
             if not Path(source).expanduser().exists():
                 problems.append(f"image_source {source!r} does not exist; pass an image folder, a saved HF dataset, a "
                                 "COCO .json, a hub dataset id or 'world'")
@@ -957,6 +954,9 @@ def build_trainer(args: AdPOConfig) -> AdPOTrainer:
         raise ValueError("set model_name_or_path in the config (or pass --model_name_or_path ...)")
     eval_dataset = None
     if args.pair_source == "online":
+        if not args.image_source:
+            raise ValueError("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
+                             "a hub dataset id or 'world')")
         if args.dataset_path:
             logger.warning("pair_source: online generates its pairs; dataset_path %s is not read", args.dataset_path)
         train_dataset = open_online_images(args)
