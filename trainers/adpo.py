@@ -32,9 +32,10 @@ What changes against TRL's DPOTrainer, and why:
   copy as ``ref_model``) or with the LoRA adapters disabled (``tune: lora``). Reference log-probs stored
   in the dataset are used when present (``use_stored_ref_logps``), which skips the reference forward.
 * Only reachable tower parameters train (``freeze_for_tower_training``); the LLM and projector stay
-  bit-identical. Every ``save_model`` (final and per checkpoint) also writes the merged encoder in the
-  interchange format (``<dir>/encoder``: a ``CLIPVisionModel`` directory + card) beside the usual
-  Trainer files, so checkpoints resume with ``resume_from_checkpoint`` and drop into ``adpo transfer``.
+  bit-identical. Every ``save_model`` (final and per checkpoint) writes what trains, not the frozen LVLM:
+  the merged encoder in the interchange format (``<dir>/encoder``: a float32 ``CLIPVisionModel`` directory
+  + card; LoRA adds its adapter files), so checkpoints resume with ``resume_from_checkpoint`` and drop into
+  ``adpo transfer``. ``save_lvlm`` adds the whole LVLM at the end, bit-identical outside the tower.
 
 Run: ``adpo train adpo --config configs/adpo/world.yaml`` or
 ``accelerate launch trainers/adpo.py --config configs/adpo/paper.yaml``.

@@ -464,6 +464,8 @@ class EncoderAdversarialTrainer(Trainer):
             put_encoder(encoder, canonical_encoder_state(
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             ))
+        if next(encoder.parameters()).dtype != torch.float32:  # model_dtype trains in half: export it upcast (exact)
+            encoder = copy.deepcopy(encoder).float()
         save_encoder(encoder, Path(output_dir) / ENCODER_DIRNAME, self.image_processor, self.card())
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
