@@ -199,3 +199,28 @@ def test_a_baseline_with_load_dtype_float16_trains_and_exports_fp32_master_weigh
     changed = {key for key, value in original.state_dict().items() if not torch.equal(saved_state[key], value)}
     assert changed and all(key.startswith(tower) for key in changed)
     assert {value.dtype for value in saved_state.values() if value.is_floating_point()} == {torch.float16}
+
+
+def test_a_baseline_trained_in_bf16_still_writes_a_float32_encoder(tmp_path):
+    from transformers import CLIPVisionModel
+
+    from adpo.testing import tiny_image_processor, tiny_vision_config
+
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "vision")
+    tiny_image_processor().save_pretrained(tmp_path / "vision")
+    images = tmp_path / "images" / "shapes"
+    images.mkdir(parents=True)
+    for i, image in enumerate(to_uint8_images(random_pixels(2, 32, 4))):
+        image.save(images / f"{i}.png")
+    args = fare.FareConfig(
+        model_name_or_path=str(tmp_path / "vision"), model_dtype="bfloat16", dataset=str(images.parent),
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=1, attack_steps=1,
+        learning_rate=1e-2, warmup_steps=0, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = fare.build_trainer(args)
+    trainer.train()
+    trainer.save_model()
+    weights = canonical_encoder_state({k: v.detach() for k, v in trainer.model.encoder.state_dict().items()})
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    exported = canonical_encoder_state(load_file(str(tmp_path / "run" / "encoder" / "model.safetensors")))
+    assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k], weights[k].float()) for k in weights)
