@@ -216,6 +216,26 @@ def test_prompts_come_from_the_set_or_from_the_sources_questions(tmp_path, image
         open_online_images(no_questions)
 
 
+def test_the_collator_reads_images_as_the_other_stages_do_and_skips_unreadable_ones(tiny):
+    from PIL import Image
+
+    from adpo.preprocess import to_pixels
+    from trainers.adpo import OnlineImageCollator
+
+    _, processor = tiny
+    wide = Image.new("RGB", (48, 24), (200, 30, 30))
+    rows = [{"image": wide, "prompt": "what color ?"},
+            {"image": None, "prompt": "what shape ?", "source_id": "7.png", "error": "truncated file"}]
+    for pad in (False, True):
+        batch = OnlineImageCollator(processor, pad_to_square=pad)(rows)
+        assert batch["prompts"] == ["what color ?"]
+        assert torch.equal(batch["clean_pixels"], to_pixels([wide], processor, pad_to_square=pad))
+    assert not torch.equal(OnlineImageCollator(processor, True)(rows)["clean_pixels"],
+                           OnlineImageCollator(processor, False)(rows)["clean_pixels"])
+    with pytest.raises(ValueError, match="7.png"):
+        OnlineImageCollator(processor)(rows[1:])
+
+
 def test_bad_online_settings_are_refused_before_any_model_loads(tmp_path, image_folder, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")

@@ -171,6 +171,10 @@ class AdPOConfig(DPOConfig):
     )
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
+    pad_to_square: bool = field(
+        default=False, metadata={"help": "Pad each image to a square in the processor's mean colour before its resize "
+                                 "and crop, as original LLaVA-1.5 does (adpo.preprocess.to_pixels)."},
+    )
     prompt_set: str = field(default="paper", metadata={"help": "Named prompt set (adpo.prompts.PROMPT_SETS); 'paper' "
                             "is the paper's single 'What is in the image?'."})
     prompts: list[str] | None = field(default=None, metadata={"help": "Explicit prompts (override prompt_set)."})
@@ -451,6 +455,7 @@ class OnlineImageCollator:
     are left out with a warning."""
 
     processor: Any
+    pad_to_square: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         readable = [e for e in examples if e["image"] is not None]
@@ -460,7 +465,7 @@ class OnlineImageCollator:
         if not readable:
             names = ", ".join(f"{e.get('source_id')} ({e.get('error')})" for e in examples)
             raise ValueError(f"every image of a batch is unreadable: {names}; repair or remove them from image_source")
-        return {"clean_pixels": to_pixels([e["image"] for e in readable], self.processor),
+        return {"clean_pixels": to_pixels([e["image"] for e in readable], self.processor, self.pad_to_square),
                 "prompts": [e["prompt"] for e in readable]}
 
 
@@ -556,7 +561,7 @@ class AdPOTrainer(DPOTrainer):
             ref_model=reference_tower,
             args=args,
             data_collator=(
-                OnlineImageCollator(processing_class) if args.pair_source == "online"
+                OnlineImageCollator(processing_class, args.pad_to_square) if args.pair_source == "online"
                 else AdPODataCollator(self.view, args.max_length, drop_identical=args.identical_pairs == "drop")
             ),
             train_dataset=train_dataset,
@@ -852,7 +857,8 @@ class AdPOTrainer(DPOTrainer):
                               "step_size": args.attack_step_size, "embedding": args.attack_embedding}
         if args.pair_source == "online":
             card["online_pairs"] = {"prompts": args.prompt_list() or f"the source's questions ({args.question_column})",
-                                    "decoding": args.decoding(), "identical_pairs": args.identical_pairs}
+                                    "decoding": args.decoding(), "identical_pairs": args.identical_pairs,
+                                    "pad_to_square": args.pad_to_square}
         if args.tune == "lora":
             card["lora"] = {"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_target_modules)}
         if self.freeze_report is not None:
