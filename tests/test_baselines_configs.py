@@ -60,3 +60,13 @@ def test_world_configs_use_the_world_eps_and_the_world_clip(method):
     assert config.attack_steps == 10 and config.threat.alpha == pytest.approx(1 / 255)
     if method == "tecoa":
         assert config.text_model_name_or_path == "world:clip" and config.class_prompt_template == "a photo of a {}"
+
+
+@pytest.mark.parametrize("method, path", PAPER, ids=[f"{m}/{p.name}" for m, p in PAPER])
+def test_gpu_configs_run_unedited_as_a_float32_smoke_test_without_a_gpu(method, path, monkeypatch):
+    import adpo.runtime
+
+    monkeypatch.setattr(adpo.runtime, "has_accelerator", lambda: False)
+    (config,) = TrlParser([CLASSES[method]]).parse_args_and_config(["--config", str(path)])
+    assert config.use_cpu and not config.bf16 and not config.fp16
+    assert config.model_dtype in (None, "float32") and config.load_dtype in (None, "float32")
