@@ -224,3 +224,10 @@ def test_a_baseline_trained_in_bf16_still_writes_a_float32_encoder(tmp_path):
     assert {v.dtype for v in weights.values()} == {torch.bfloat16}
     exported = canonical_encoder_state(load_file(str(tmp_path / "run" / "encoder" / "model.safetensors")))
     assert all(exported[k].dtype == torch.float32 and torch.equal(exported[k], weights[k].float()) for k in weights)
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "llava15_stored_pairs.yaml"])
+def test_the_gpu_adpo_configs_parse_unedited_without_a_gpu(name, no_accelerator):
+    path = Path(__file__).resolve().parents[1] / "configs" / "adpo" / name
+    (args,) = TrlParser([AdPOConfig]).parse_args_and_config(["--config", str(path)])
+    assert args.use_cpu and not args.bf16 and args.model_dtype == "float32"
