@@ -39,6 +39,7 @@ from adpo.lvlm import (
     canonical_encoder_state,
     export_encoder,
     feature_selection,
+    load_encoder,
     load_lvlm,
     put_encoder,
     resolve_dtype,
@@ -444,9 +445,10 @@ class EncoderAdversarialTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:
             args = self.args
+            out = Path(output_dir if output_dir is not None else args.output_dir)
+            # read back what _save wrote: the whole encoder even where DeepSpeed / FSDP shard the live one
             write_requested_exports(
-                output_dir if output_dir is not None else args.output_dir,
-                self.accelerator.unwrap_model(self.model).encoder, self.image_processor, self.card(),
+                out, load_encoder(out / ENCODER_DIRNAME), self.image_processor, self.card(),
                 base_model=args.model_name_or_path, save_lvlm=args.save_lvlm,
                 encoder_copy_dtype=args.encoder_copy_dtype, trust_remote_code=args.trust_remote_code,
             )
