@@ -100,7 +100,7 @@ def write_requested_exports(
     save_lvlm: bool,
     encoder_copy_dtype: str | None,
     trust_remote_code: bool = False,
-) -> list[Path]:
+) -> None:
     """The final outputs a run writes besides its fp32 ``encoder/``, when its config asks for them.
 
     * ``encoder_copy_dtype``: ``<output_dir>/encoder-<dtype>/``, the trained encoder cast to that dtype.
@@ -111,21 +111,17 @@ def write_requested_exports(
     from adpo.lvlm import load_lvlm, put_encoder, resolve_dtype, save_encoder
 
     out = Path(output_dir)
-    written = []
     if encoder_copy_dtype is not None:
         dtype = resolve_dtype(encoder_copy_dtype)
         name = str(dtype).removeprefix("torch.")
         copied = copy.deepcopy(encoder).to(dtype)
-        written.append(save_encoder(copied, out / f"encoder-{name}", image_processor, {**card, "dtype": name}))
+        save_encoder(copied, out / f"encoder-{name}", image_processor, {**card, "dtype": name})
     if save_lvlm:
         model, processor = load_lvlm(base_model, trust_remote_code=trust_remote_code)
         put_encoder(model, encoder)  # cast to the tower's stored dtype
         with atomic_directory(out / LVLM_DIRNAME) as staging:
             model.save_pretrained(staging, safe_serialization=True)
             processor.save_pretrained(staging)
-        written.append(out / LVLM_DIRNAME)
-        del model
-    return written
 
 
 def run_as_process(main) -> int:
