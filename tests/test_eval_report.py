@@ -91,12 +91,16 @@ def test_sanity_checks_pass_on_a_consistent_report():
 
 
 def test_an_attack_without_a_gradient_step_on_a_sample_it_had_to_break_fails():
-    # s0 is right on the clean image and at 2/255, so both attacks had to run on it; s1-s3 need no 4/255 attack.
-    lazy = synthetic_report(steps={"2/255": (10, 10, 10, 0), "4/255": (0, 0, 0, 0)})
+    # s0 stays right at 2/255 and 4/255, so both attacks had to run on it; s1 and s2 fall at 2/255, s3 is wrong clean.
+    robust = {"2/255": (1, 0, 0, 0), "4/255": (1, 0, 0, 0)}
+    lazy = synthetic_report(robust=robust, steps={"2/255": (10, 10, 10, 0), "4/255": (0, 0, 0, 0)})
     check = next(c for c in sanity_checks(lazy) if c["check"] == "attack_took_steps")
     assert check["status"] == "fail" and "s0@4/255" in check["detail"] and "s1" not in check["detail"]
     # No step where the clean image (s3) or a smaller epsilon (s1, s2 at 4/255) had already broken the sample: fine.
-    assert statuses(synthetic_report(steps={"2/255": (10, 10, 10, 0), "4/255": (10, 0, 0, 0)}))["attack_took_steps"] == "pass"
+    done = synthetic_report(robust=robust, steps={"2/255": (10, 10, 10, 0), "4/255": (10, 0, 0, 0)})
+    assert statuses(done)["attack_took_steps"] == "pass"
+    # Nor where the attack's random start broke the sample (s1, s2 at 2/255) before any step.
+    assert statuses(synthetic_report(robust=robust, steps={"2/255": (10, 0, 0, 0), "4/255": (10, 0, 0, 0)}))["attack_took_steps"] == "pass"
 
 
 def test_robust_above_clean_fails_and_attack_above_clean_warns():

@@ -114,10 +114,11 @@ def sanity_checks(report: dict) -> list[dict]:
        contains the smaller ball, so a rise means the attack is too weak at the larger epsilon (warn).
     3. More steps never raise robust accuracy: the run with fewer steps (``step_check``) must not end
        *below* the full run on the same samples; if it does the full attack is being masked (warn).
-    4. The attack took at least one gradient step on every sample it had to break: one not broken on the
-       clean image nor by the output carried from the next smaller epsilon. Zero steps means the objective
-       called the sample broken before attacking it while its decoded output was not, so the robust
-       score is the clean score by default (fail).
+    4. The attack took at least one gradient step on every sample it had to break (one not broken on the
+       clean image nor by the output carried from the next smaller epsilon) and left unbroken. Zero steps
+       there means the objective called the sample broken at its start point while its decoded output was
+       not, so its robust score is the clean score by default (fail). A sample that the random start
+       itself broke needs no step.
     """
     metric = report["primary_metric"]
     checks = []
@@ -177,15 +178,15 @@ def sanity_checks(report: dict) -> list[dict]:
         broken_before = sample["clean"]["broken"]
         for label in labels:
             robust = sample["robust"][label]
-            if not broken_before and robust["steps"] == 0:
+            if not broken_before and not robust["broken"] and robust["steps"] == 0:
                 unattacked.append(f"{sample['id']}@{label}")
             broken_before = robust["broken"]
     checks.append(
         _check("attack_took_steps", "fail",
-               f"no gradient step on {len(unattacked)} sample(s) that were not broken before the attack (the objective "
-               f"called them broken at its start point, but their decoded output was not): {_ids(unattacked)}")
+               f"no gradient step on {len(unattacked)} sample(s) that were not broken before the attack and are not after "
+               f"it (the objective called them broken at its start point, their decoded output disagreed): {_ids(unattacked)}")
         if unattacked
-        else _check("attack_took_steps", "pass", "every sample not broken before the attack took at least one gradient step")
+        else _check("attack_took_steps", "pass", "every sample the attack left unbroken took at least one gradient step")
     )
     return checks
 
