@@ -85,8 +85,9 @@ def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
     """The trained encoder inside a checkpoint (``<checkpoint>/encoder``), or an error naming what is missing."""
     encoder_dir = Path(checkpoint) / ENCODER_DIRNAME
     if not (encoder_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint} holds no {ENCODER_DIRNAME}/config.json, so there is no trained encoder "
-                                "to resume from; resume from a checkpoint written by this adpo version, or start afresh")
+        raise FileNotFoundError(f"{checkpoint} holds no {ENCODER_DIRNAME}/config.json, so there is no trained "
+                                "encoder to resume from; resume from a checkpoint written by this adpo version, "
+                                "or start afresh")
     return encoder_dir
 
 

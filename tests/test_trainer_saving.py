@@ -169,15 +169,19 @@ def test_adpo_in_bf16_exports_fp32_master_weights_and_an_lvlm_bit_identical_outs
 # ----------------------------------------------------------------------------------------------------
 # The encoder trainers
 # ----------------------------------------------------------------------------------------------------
-def test_a_baseline_with_load_dtype_float16_trains_and_exports_fp32_master_weights(tmp_path):
-    model_path = _stored_llava(tmp_path, torch.float16)
+def _image_folder(tmp_path: Path, n: int) -> str:
     images = tmp_path / "images" / "shapes"
     images.mkdir(parents=True)
-    for i, image in enumerate(to_uint8_images(random_pixels(4, 32, 3))):
+    for i, image in enumerate(to_uint8_images(random_pixels(n, 32, 3))):
         image.save(images / f"{i}.png")
+    return str(images.parent)
+
+
+def test_a_baseline_with_load_dtype_float16_trains_and_exports_fp32_master_weights(tmp_path):
+    model_path = _stored_llava(tmp_path, torch.float16)
     args = fare.FareConfig(
-        model_name_or_path=str(model_path), load_dtype="float16", dataset=str(images.parent), output_dir=str(tmp_path / "run"),
-        embedding="llm", per_device_train_batch_size=2, max_steps=2, attack_steps=1, eps="8/255",
+        model_name_or_path=str(model_path), load_dtype="float16", dataset=_image_folder(tmp_path, 4),
+        output_dir=str(tmp_path / "run"), embedding="llm", per_device_train_batch_size=2, max_steps=2, attack_steps=1, eps="8/255",
         attack_step_size="4/255", learning_rate=1e-3, warmup_steps=0, save_strategy="steps", save_steps=2,
         use_cpu=True, disable_tqdm=True, seed=0, save_lvlm=True,
     )
@@ -208,12 +212,8 @@ def test_a_baseline_trained_in_bf16_still_writes_a_float32_encoder(tmp_path):
 
     CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "vision")
     tiny_image_processor().save_pretrained(tmp_path / "vision")
-    images = tmp_path / "images" / "shapes"
-    images.mkdir(parents=True)
-    for i, image in enumerate(to_uint8_images(random_pixels(2, 32, 4))):
-        image.save(images / f"{i}.png")
     args = fare.FareConfig(
-        model_name_or_path=str(tmp_path / "vision"), model_dtype="bfloat16", dataset=str(images.parent),
+        model_name_or_path=str(tmp_path / "vision"), model_dtype="bfloat16", dataset=_image_folder(tmp_path, 2),
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=1, attack_steps=1,
         learning_rate=1e-2, warmup_steps=0, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
     )
@@ -231,3 +231,16 @@ def test_the_gpu_adpo_configs_parse_unedited_without_a_gpu(name, no_accelerator)
     path = Path(__file__).resolve().parents[1] / "configs" / "adpo" / name
     (args,) = TrlParser([AdPOConfig]).parse_args_and_config(["--config", str(path)])
     assert args.use_cpu and not args.bf16 and args.model_dtype == "float32"
+
+
+def test_save_lvlm_on_a_standalone_clip_is_refused_before_it_loads(tmp_path, monkeypatch):
+    from transformers import CLIPVisionModel
+
+    from adpo.testing import tiny_vision_config
+
+    CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "vision")
+    monkeypatch.setattr(CLIPVisionModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = fare.FareConfig(model_name_or_path=str(tmp_path / "vision"), dataset="world", output_dir=str(tmp_path / "run"),
+                           use_cpu=True, save_lvlm=True)
+    with pytest.raises(ValueError, match="save_lvlm: false"):
+        fare.build_trainer(args)

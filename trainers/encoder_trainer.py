@@ -226,7 +226,10 @@ def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
     dtype = resolve_dtype(config.model_dtype) or torch.float32
     feature_layer, strategy = -2, "default"
     clip_model = clip_processor = None
-    model_type = "clip" if name == WORLD_CLIP else None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
+    if name == WORLD_CLIP:
+        model_type = "clip"
+    else:
+        model_type = None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
     if config.save_lvlm and model_type in ("clip", "clip_vision_model"):
         raise ValueError(f"save_lvlm: true writes an LVLM with the trained tower, but {name!r} is a standalone CLIP "
                          "model; set save_lvlm: false (the encoder is written to <output_dir>/encoder either way)")
@@ -475,7 +478,8 @@ class EncoderAdversarialTrainer(Trainer):
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
-        put_encoder(module.encoder, checkpoint_encoder_dir(resume_from_checkpoint))  # strict: refuses missing or extra keys
+        # strict: refuses missing or extra keys
+        put_encoder(module.encoder, checkpoint_encoder_dir(resume_from_checkpoint))
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:

@@ -149,7 +149,8 @@ def _warn_if_different_vision_weights(clip: CLIPModel, loaded: LoadedEncoder) ->
 def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal in a common dtype: as they are, or both rounded to fp16 or to bf16 (an LVLM stored in half precision
     holds the CLIP model's fp32 weights rounded, whatever dtype either was loaded in)."""
-    return a.shape == b.shape and any(torch.equal(a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.float16, torch.bfloat16))
+    common = (torch.float32, torch.float16, torch.bfloat16)
+    return a.shape == b.shape and any(torch.equal(a.to(dtype), b.to(dtype)) for dtype in common)
 
 
 def build_trainer(config: TecoaConfig, train_dataset=None) -> TecoaTrainer:
