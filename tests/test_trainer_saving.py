@@ -181,9 +181,9 @@ def test_a_baseline_with_load_dtype_float16_trains_and_exports_fp32_master_weigh
     model_path = _stored_llava(tmp_path, torch.float16)
     args = fare.FareConfig(
         model_name_or_path=str(model_path), load_dtype="float16", dataset=_image_folder(tmp_path, 4),
-        output_dir=str(tmp_path / "run"), embedding="llm", per_device_train_batch_size=2, max_steps=2, attack_steps=1, eps="8/255",
-        attack_step_size="4/255", learning_rate=1e-3, warmup_steps=0, save_strategy="steps", save_steps=2,
-        use_cpu=True, disable_tqdm=True, seed=0, save_lvlm=True,
+        output_dir=str(tmp_path / "run"), embedding="llm", per_device_train_batch_size=2, max_steps=2, attack_steps=1,
+        eps="8/255", attack_step_size="4/255", learning_rate=1e-3, warmup_steps=0, save_strategy="steps",
+        save_steps=2, use_cpu=True, disable_tqdm=True, seed=0, save_lvlm=True,
     )
     trainer = fare.build_trainer(args)
     assert {p.dtype for p in trainer.model.encoder.parameters()} == {torch.float32}
@@ -240,7 +240,7 @@ def test_save_lvlm_on_a_standalone_clip_is_refused_before_it_loads(tmp_path, mon
 
     CLIPVisionModel(tiny_vision_config()).save_pretrained(tmp_path / "vision")
     monkeypatch.setattr(CLIPVisionModel, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    args = fare.FareConfig(model_name_or_path=str(tmp_path / "vision"), dataset="world", output_dir=str(tmp_path / "run"),
-                           use_cpu=True, save_lvlm=True)
+    args = fare.FareConfig(model_name_or_path=str(tmp_path / "vision"), dataset="world",
+                           output_dir=str(tmp_path / "run"), use_cpu=True, save_lvlm=True)
     with pytest.raises(ValueError, match="save_lvlm: false"):
         fare.build_trainer(args)
