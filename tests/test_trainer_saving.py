@@ -125,9 +125,10 @@ def test_an_adpo_checkpoint_holds_the_tower_and_training_state_not_the_lvlm(tmp_
                 if any(part in key for part in ("language_model", "lm_head", "multi_modal_projector"))]
     expected = {Path("encoder/model.safetensors")} | ({Path("adapter_model.safetensors")} if tune == "lora" else set())
     assert set(files) == expected
+    # the tower, at most the Adam moments of as many parameters again, and small files (state, RNG, card)
     tower_bytes = (checkpoint / "encoder" / "model.safetensors").stat().st_size
-    weights_bytes = sum((checkpoint / path).stat().st_size for path in files)
-    assert weights_bytes <= 2 * tower_bytes
+    total_bytes = sum(path.stat().st_size for path in checkpoint.rglob("*") if path.is_file())
+    assert total_bytes <= 3 * tower_bytes + 256 * 1024
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
