@@ -131,18 +131,20 @@ def test_an_adpo_checkpoint_holds_the_tower_and_training_state_not_the_lvlm(tmp_
     assert total_bytes <= 3 * tower_bytes + 256 * 1024
 
 
-@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_adpo_in_bf16_exports_fp32_master_weights_and_an_lvlm_bit_identical_outside_the_tower(tmp_path, stored):
+@pytest.mark.parametrize("stored, tune", [(torch.float32, "full"), (torch.bfloat16, "full"), (torch.float32, "lora")])
+def test_adpo_in_bf16_exports_fp32_master_weights_and_an_lvlm_bit_identical_outside_the_tower(tmp_path, stored, tune):
     model_path = _stored_llava(tmp_path, stored)
     trainer = _adpo_trainer(tmp_path, model_path, "bfloat16", save_strategy="no", save_lvlm=True,
-                            encoder_copy_dtype="float16")
+                            encoder_copy_dtype="float16", tune=tune, lora_r=4)
     trainer.train()
     trainer.save_model()
     out = tmp_path / "run"
     assert not (out / "model.safetensors").exists()
 
-    tower = find_vision_tower(trainer.model)
-    masters = canonical_encoder_state({k: v.detach().cpu() for k, v in tower.state_dict().items()})
+    masters = canonical_encoder_state(trainer.trained_encoder().state_dict())  # LoRA merged into fp32 masters
+    if tune == "full":  # the live tower is the master copy itself
+        live = find_vision_tower(trainer.model).state_dict()
+        assert all(torch.equal(value.cpu(), masters[key]) for key, value in canonical_encoder_state(live).items())
     exported = canonical_encoder_state(load_file(str(out / "encoder" / "model.safetensors")))
     assert {v.dtype for v in exported.values()} == {torch.float32}
     assert exported.keys() == masters.keys() and all(torch.equal(exported[k], masters[k]) for k in masters)
@@ -164,7 +166,8 @@ def test_adpo_in_bf16_exports_fp32_master_weights_and_an_lvlm_bit_identical_outs
             assert saved_state[key].dtype == stored and torch.equal(saved_state[key], value), f"{key} changed"
     assert trained, "training did not move the tower"
     # the master weights started from the stored values, not from their bf16 rounding: frozen tower tensors stay
-    assert not trained & set(trainer.freeze_report.frozen_unreachable)
+    if tune == "full":
+        assert not trained & set(trainer.freeze_report.frozen_unreachable)
 
 
 # ----------------------------------------------------------------------------------------------------
