@@ -285,3 +285,26 @@ def test_set_overrides_top_level_keys_and_refuses_others(tmp_path, monkeypatch, 
 def test_versus_must_name_methods_of_the_run(tmp_path):
     with pytest.raises(ValueError, match="versus"):
         pipeline.PipelineConfig.from_yaml(_study_config(tmp_path, versus=[["adpo", "simclip"]]))
+
+
+def test_the_world_study_reuses_its_validation_phase_trainings(tmp_path):
+    """configs/world_study.yaml run in a directory of configs/world_study_val.yaml trains nothing new: the training
+    stages' settings are the same, only the evaluation (test questions, both LVLMs) differs."""
+    root = Path(__file__).resolve().parent.parent / "configs"
+    stages = {}
+    for name in ("world_study", "world_study_val"):
+        config = pipeline.PipelineConfig.from_yaml(root / f"{name}.yaml")
+        config.output_dir = str(tmp_path / "eps8")
+        stages[name] = {s.name: s for s in pipeline.build_stages(config)}
+    training = [name for name in stages["world_study"] if name.startswith("train-")]
+    assert training == ["train-fare", "train-tecoa", "train-adpo"]
+    for name in training:
+        assert stages["world_study"][name].settings == stages["world_study_val"][name].settings
+    adpo = stages["world_study"]["train-adpo"].settings
+    fare = stages["world_study"]["train-fare"].settings
+    assert adpo["max_images"] == fare["max_train_samples"] == 512
+    assert adpo["num_train_epochs"] == fare["num_train_epochs"] == stages["world_study"]["train-tecoa"].settings["num_train_epochs"]
+    assert adpo["attack_eps"] == fare["eps"] == "8/255"
+    assert stages["world_study"]["eval-small-adpo"].settings["data"] == "world:test"
+    assert stages["world_study_val"]["eval-small-adpo"].settings["data"] == "world:val"
+    assert "transfer-adpo" not in stages["world_study_val"]
