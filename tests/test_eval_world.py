@@ -24,7 +24,10 @@ def test_world_small_vqa_is_broken_at_the_working_eps(tmp_path):
     for sample in report["samples"]:
         for entry in sample["robust"].values():
             assert entry["scores"]["exact_match"] <= sample["clean"]["scores"]["exact_match"]
-    assert report["sanity"][0]["status"] != "fail"
+    statuses = {check["check"]: check["status"] for check in report["sanity"]}
+    assert statuses["robust_le_clean"] != "fail"
+    # On the world's real chat template the attack takes a gradient step on every clean-correct question.
+    assert statuses["attack_took_steps"] == "pass", report["sanity"]
     assert (out / "metric_vs_eps.png").stat().st_size > 1000
     if report["examples"]:
         assert (out / "examples.png").stat().st_size > 1000
