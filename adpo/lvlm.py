@@ -600,13 +600,25 @@ def put_encoder(model: nn.Module, source: nn.Module | dict[str, torch.Tensor] | 
     tower.load_state_dict({prefix + k: v.to(reference[prefix + k].dtype) for k, v in state.items()}, strict=True)
 
 
+def encoder_location(path: str | os.PathLike) -> str:
+    """Where the encoder behind ``path`` lies: a trainer's run or checkpoint directory stands for the encoder it
+    wrote in ``encoder/``; anything else (an encoder directory, a hub id) is itself."""
+    location = Path(path).expanduser()
+    nested = location / "encoder"
+    if not (location / "config.json").exists() and (nested / "config.json").exists():
+        return os.fspath(nested)
+    return os.fspath(path)
+
+
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CLIPVisionModel:
-    """Load an encoder saved in the interchange format (or any CLIPVisionModel directory / hub id).
+    """Load an encoder saved in the interchange format (or any CLIPVisionModel directory / hub id, or a trainer's
+    run directory holding one in ``encoder/``).
 
     Refuses a checkpoint with missing or unexpected weights (from_pretrained would otherwise initialise
     them randomly and only log it), so a broken encoder can never be grafted or evaluated silently.
     """
-    encoder, info = CLIPVisionModel.from_pretrained(os.fspath(path), dtype=dtype, output_loading_info=True)
+    path = encoder_location(path)
+    encoder, info = CLIPVisionModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("position_ids")]
     if missing or unexpected:

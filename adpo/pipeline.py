@@ -159,10 +159,6 @@ def _adpo(argv: list[str]) -> None:
         raise RuntimeError(f"`adpo {' '.join(argv)}` failed with exit code {code}")
 
 
-def encoder_dir(train_dir: Path) -> Path:
-    """Where a trainer wrote its encoder (``<dir>/encoder`` or the directory itself)."""
-    nested = train_dir / "encoder"
-    return nested if (nested / "config.json").exists() else train_dir
 
 
 def _resume_training(stage_config: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +221,9 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-            return stage_config | {"encoder": str(encoder_dir(out / "train" / method / "run"))}
+            from adpo.lvlm import encoder_location
+
+            return stage_config | {"encoder": encoder_location(out / "train" / method / "run")}
         return resolve
 
     if config.eval_large:

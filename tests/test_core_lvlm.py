@@ -174,3 +174,16 @@ def test_an_encoder_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
         load_encoder(out)
+
+
+def test_a_training_run_directory_stands_for_its_encoder(tiny, tmp_path):
+    from adpo.lvlm import encoder_location
+
+    model, processor = tiny
+    run = tmp_path / "run"
+    save_encoder(export_encoder(model), run / "encoder", processor)
+    assert encoder_location(run) == str(run / "encoder")
+    assert encoder_location(run / "encoder") == str(run / "encoder")
+    assert encoder_location("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
+    loaded = load_encoder(run)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), export_encoder(model).state_dict().values()))

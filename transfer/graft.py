@@ -24,6 +24,7 @@ from adpo.io import atomic_directory
 from adpo.lvlm import (
     WORLD_PREFIX,
     canonical_encoder_state,
+    encoder_location,
     export_encoder,
     find_vision_tower,
     load_encoder,
@@ -73,8 +74,9 @@ def load_donor(
 ) -> Donor:
     """Load a donor from an encoder directory, an open_clip checkpoint file, or an LVLM (``world:small``, a
     LLaVA directory or hub id) whose tower is exported. ``activation``/``num_attention_heads`` are needed
-    for open_clip files only; ``image_mean``/``image_std`` override what the donor ships."""
-    text = os.fspath(source)
+    for open_clip files only; ``image_mean``/``image_std`` override what the donor ships. A trainer's run
+    directory stands for the encoder it wrote in ``encoder/``."""
+    text = encoder_location(source)
     path = Path(text)
     record: dict[str, Any] = {"source": text}
     processor = None
