@@ -282,3 +282,28 @@ def test_two_process_gloo_run_with_online_pairs_trains(tmp_path, image_folder):
     trained = CLIPVisionModel.from_pretrained(tmp_path / "ddp" / "encoder").state_dict()
     original = find_vision_tower(model).state_dict()
     assert any(not torch.equal(v, original[k]) for k, v in trained.items())
+
+
+def parse_adpo_config(name: str, *overrides: str) -> AdPOConfig:
+    from trl import TrlParser
+
+    (config,) = TrlParser([AdPOConfig]).parse_args_and_config(["--config", str(REPO / "configs" / "adpo" / name), *overrides])
+    return config
+
+
+def test_the_paper_config_is_the_papers_recipe_and_the_others_say_what_they_are(tmp_path, image_folder):
+    with pytest.raises(ValueError, match="image_source 'data/imagenet/train' does not exist"):
+        parse_adpo_config("paper.yaml")  # before any model loads: the folder must be there
+    paper = parse_adpo_config("paper.yaml", "--image_source", str(image_folder), "--output_dir", str(tmp_path))
+    assert (paper.pair_source, paper.adv_source, paper.prompt_list()) == ("online", "online", ["What is in the image?"])
+    assert (paper.attack_norm, paper.attack_eps, paper.attack_steps, paper.attack_embedding) == ("linf", "2/255", 10, "pooled")
+    assert (paper.beta, paper.aio_weight, list(paper.loss_type), paper.tune) == (0.1, 1.0, ["sigmoid"], "full")
+    assert (paper.optim, paper.learning_rate, paper.weight_decay, paper.num_train_epochs) == ("adamw_torch", 1e-5, 1e-4, 2)
+    assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps == 128
+    assert not paper.do_sample and paper.identical_pairs == "keep"
+
+    stored = parse_adpo_config("llava15_stored_pairs.yaml", "--output_dir", str(tmp_path))
+    assert (stored.pair_source, stored.adv_source, stored.model_name_or_path) == ("stored", "stored", "llava-hf/llava-1.5-7b-hf")
+    world = parse_adpo_config("world.yaml", "--output_dir", str(tmp_path), "--num_train_epochs", "4", "--save_steps", "1000")
+    assert (world.pair_source, world.image_source, world.max_images) == ("online", "world", 512)
+    assert world.num_train_epochs == 4 and world.save_steps == 1000  # the keys the quickstart overrides

@@ -57,6 +57,7 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -292,10 +293,12 @@ class AdPOConfig(DPOConfig):
     def _online_problems(self) -> list[str]:
         problems = []
         source = self.image_source or ""
-        if source.startswith((".", "/", "~")) or source.endswith(".json"):
-            if not Path(source).expanduser().exists():
-                problems.append(f"image_source {source!r} does not exist; pass an image folder, a saved HF dataset, a "
-                                "COCO .json, a hub dataset id or 'world'")
+        # Hub dataset ids are "name" or "owner/name"; anything else that is not the world names a local path.
+        hub_id = re.fullmatch(r"\w[\w.-]*(/[\w.-]+)?", source) and not source.endswith(".json")
+        world = source == "world" or source.startswith("world:")
+        if source and not (world or hub_id or Path(source).expanduser().exists()):
+            problems.append(f"image_source {source!r} does not exist; pass an image folder, a saved HF dataset, a "
+                            "COCO .json, a hub dataset id or 'world'")
         if self.max_images is not None and self.max_images < 1:
             problems.append(f"max_images must be >= 1, got {self.max_images}")
         if self.use_source_questions:
