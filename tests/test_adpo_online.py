@@ -166,25 +166,38 @@ def with_identical_rows(trainer: AdPOTrainer, rows_of_call) -> None:
     trainer._generate = patched
 
 
-def test_identical_pairs_drop_masks_their_rows_out_of_the_loss(tmp_path, image_folder):
-    def loss_of(identical_pairs: str, identical: list[int]) -> float:
+def test_identical_pairs_drop_leaves_them_out_of_pio_but_not_out_of_aio(tmp_path, image_folder):
+    def loss_of(identical_pairs: str, identical: list[int], aio_weight: float) -> float:
         # A fresh trainer each time: the same seeds, hence the same x_adv and answers for the same batch.
-        trainer = online_trainer(online_config(tmp_path, image_folder, identical_pairs=identical_pairs))
+        trainer = online_trainer(online_config(tmp_path, image_folder, identical_pairs=identical_pairs,
+                                               aio_weight=aio_weight))
         with_identical_rows(trainer, lambda call: identical)
+        # A policy away from the reference, so that each pair's PIO differs from log 2.
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in find_vision_tower(trainer.accelerator.unwrap_model(trainer.model)).parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.05)
         trainer.model.train()
         return trainer.compute_loss(trainer.model, first_batch(trainer)).item()
 
-    dropped = loss_of("drop", identical=[0])
-    # each distinct row's own loss: the batch with every other row dropped
-    row_1, row_2 = loss_of("drop", identical=[0, 2]), loss_of("drop", identical=[0, 1])
+    dropped = loss_of("drop", identical=[0], aio_weight=0.0)
+    # each distinct row's own PIO: the batch with every other row dropped
+    row_1, row_2 = loss_of("drop", identical=[0, 2], aio_weight=0.0), loss_of("drop", identical=[0, 1], aio_weight=0.0)
     assert dropped == pytest.approx((row_1 + row_2) / 2, rel=1e-5)
     assert row_1 != pytest.approx(row_2, rel=1e-3)
-    assert abs(loss_of("keep", identical=[0]) - dropped) > 1e-5  # under keep, row 0 counts
+    assert abs(loss_of("keep", identical=[0], aio_weight=0.0) - dropped) > 1e-5  # under keep, row 0 counts
+    # AIO scores every image, row 0 included: its share of the loss does not depend on which pairs were dropped
+    aio_share = loss_of("drop", identical=[0], aio_weight=1.0) - dropped
+    assert aio_share == pytest.approx(loss_of("drop", identical=[0, 1], aio_weight=1.0) - row_2, rel=1e-4)
+    assert aio_share == pytest.approx(loss_of("keep", identical=[0], aio_weight=1.0)
+                                      - loss_of("keep", identical=[0], aio_weight=0.0), rel=1e-4)
 
 
-def test_a_step_where_every_pair_is_identical_leaves_the_weights_alone(tmp_path, image_folder):
+def test_a_step_where_every_pair_is_identical_and_no_aio_leaves_the_weights_alone(tmp_path, image_folder):
     # Weight decay and AdamW's momentum from step 1 would move the weights on a zero gradient.
-    config = online_config(tmp_path, image_folder, identical_pairs="drop", max_steps=2, weight_decay=0.1)
+    config = online_config(tmp_path, image_folder, identical_pairs="drop", max_steps=2, weight_decay=0.1,
+                           aio_weight=0.0)
     trainer = online_trainer(config)
     with_identical_rows(trainer, lambda call: [] if call == 0 else [0, 1, 2])
     recorder = RecordTower(trainer.accelerator.unwrap_model(trainer.model))

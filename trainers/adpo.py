@@ -191,8 +191,9 @@ class AdPOConfig(DPOConfig):
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (do_sample only)."})
     identical_pairs: str = field(
         default="keep",
-        metadata={"help": "Pairs whose rejected answer equals the chosen one: 'keep' them in the loss or 'drop' them "
-                  "(their rows are masked out; a step with none left leaves the weights as they were)."},
+        metadata={"help": "Pairs whose rejected answer equals the chosen one: 'keep' them in PIO or 'drop' them from it "
+                  "(they state no preference; AIO still scores every image; a step with no pair left and no AIO "
+                  "leaves the weights as they were)."},
     )
 
     # --- the AdPO objective -------------------------------------------------------------------------
@@ -484,9 +485,9 @@ class OnlinePairs:
 
 
 class _SkipStepsWithoutPairs(TrainerCallback):
-    """``identical_pairs: drop``: an optimizer step whose micro-batches kept no pair on any process leaves the
-    weights as they were. A zero gradient would not (AdamW's weight decay and momentum still move them), so
-    the gradients are removed and AdamW skips every parameter."""
+    """``identical_pairs: drop`` without AIO: an optimizer step whose micro-batches kept no pair on any process has
+    nothing to learn and leaves the weights as they were. A zero gradient would not (AdamW's weight decay and
+    momentum still move them), so the gradients are removed and AdamW skips every parameter."""
 
     def __init__(self, trainer: "AdPOTrainer"):
         self.trainer = trainer
@@ -583,7 +584,7 @@ class AdPOTrainer(DPOTrainer):
         self._generation_seconds = 0.0
         self._kept_pairs = 0  # pairs in the loss since the last optimizer step (identical_pairs: drop)
         self.online_pairs: OnlinePairs | None = None  # the last online micro-batch
-        if args.identical_pairs == "drop":
+        if args.identical_pairs == "drop" and args.aio_weight == 0:
             self.add_callback(_SkipStepsWithoutPairs(self))
         if args.tune == "full":
             logger.info(self.freeze_report.summary())
@@ -663,16 +664,18 @@ class AdPOTrainer(DPOTrainer):
                 chosen_lengths=lengths[:batch], rejected_lengths=lengths[batch : 2 * batch],
             )
             pio_per_pair = pio_per_pair + weight * pio.per_pair
-        per_pair = pio_per_pair
+        # identical_pairs: drop leaves identical pairs out of PIO only: they state no preference between answers
+        # (kept, PIO would push the correct answer down on x_adv), while AIO, a loss on y_w at x_adv, holds for
+        # every image.
+        loss = _pair_mean(pio_per_pair, pair_weights)
         metrics = self._metrics[mode]
         gather = self.accelerator.gather_for_metrics
+        metrics["pio"].append(gather(loss.detach()).mean().item())
         if use_aio:
             aio = aio_loss(per_token_logps[2 * batch :], answer_mask[2 * batch :])
-            per_pair = per_pair + args.aio_weight * aio.per_sample
-            metrics["aio"].append(gather(_pair_mean(aio.per_sample.detach(), pair_weights)).mean().item())
+            loss = loss + args.aio_weight * aio.loss
+            metrics["aio"].append(gather(aio.loss.detach()).mean().item())
             metrics["logps/chosen_on_adv"].append(gather(logps[2 * batch :].detach()).mean().item())
-        loss = _pair_mean(per_pair, pair_weights)
-        metrics["pio"].append(gather(_pair_mean(pio_per_pair.detach(), pair_weights)).mean().item())
         chosen_rewards, rejected_rewards = pio.chosen_rewards, pio.rejected_rewards
         metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
