@@ -226,3 +226,19 @@ def template_llava(style: str, seed: int = 0, vision_config: CLIPVisionConfig | 
         vision_feature_select_strategy="default", chat_template=template, num_additional_image_tokens=1,
     )
     return model, processor
+
+
+def launch_two_cpu_processes(trainer_script: str, config, cwd):
+    """Run ``trainers/<trainer_script>`` under ``accelerate launch`` as two CPU processes (gloo) with ``--config
+    config``, the way a multi-device run starts; returns the finished ``subprocess.CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(repo / "trainers" / trainer_script), "--config", str(config)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -4,9 +4,6 @@ resume, identical-pair masking, config refusals and a two-process gloo run."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from transformers import CLIPVisionModel, TrainerCallback
 from adpo.lvlm import LlavaView, find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.sources import open_source
-from adpo.testing import random_pixels, tiny_llava
+from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
 from trainers.adpo import AdPOConfig, AdPOTrainer, main, online_images, open_online_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,11 +280,7 @@ def test_two_process_gloo_run_with_online_pairs_trains(tmp_path, image_folder):
         "attack_steps: 2\nmax_new_tokens: 4\nidentical_pairs: drop\n"
         "bf16: false\ngradient_checkpointing: false\nlogging_steps: 1\nreport_to: []\nsave_strategy: 'no'\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "trainers" / "adpo.py"), "--config", str(config)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_cpu_processes("adpo.py", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["global_step"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,9 @@ from transformers import CLIPVisionModel
 from adpo.losses.preference import aio_loss, pio_loss
 from adpo.lvlm import LlavaView, find_vision_tower
 from adpo.preprocess import to_uint8_images
-from adpo.testing import random_pixels, tiny_llava
+from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
 from trainers.adpo import AdPOConfig, AdPODataCollator, AdPOTrainer, _truncate_left_padded
 
-REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = ["what is in the image ?", "what color ?", "describe this picture", "what shape ?"]
 CHOSEN = ["a red circle", "blue", "two small objects", "a square"]
 REJECTED = ["a green star", "yellow", "no", "three triangle objects on the left"]
@@ -268,11 +264,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(tmp_path)
         f"output_dir: {tmp_path / 'ddp'}\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 0.001\n"
         "bf16: false\ngradient_checkpointing: false\nlogging_steps: 1\nreport_to: []\nsave_strategy: 'no'\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "trainers" / "adpo.py"), "--config", str(config)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_cpu_processes("adpo.py", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["global_step"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPVisionModel, TrainerCallback
 
 from adpo.lvlm import canonical_encoder_state
-from adpo.testing import tiny_image_processor, tiny_llava, tiny_vision_config
+from adpo.testing import launch_two_cpu_processes, tiny_image_processor, tiny_llava, tiny_vision_config
 from adpo.world.clip import WorldClipSize, build_world_clip_config, build_world_processor, build_world_tokenizer
 from trainers import fare, simclip, tecoa
 from trainers.encoder_trainer import resume_argument
@@ -263,11 +263,6 @@ def test_resume_argument():
 
 @pytest.mark.distributed
 def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
     config = tmp_path / "tecoa.yaml"
     # Deterministic on purpose: no random start (TeCoA's cross-entropy has a gradient at the clean image, unlike
     # FARE's distance), an l2 attack and SGD, so no sign step turns round-off between batch sizes into a flip.
@@ -277,11 +272,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
         "attack_steps: 2\nnorm: l2\neps: '0.5'\nattack_step_size: '0.25'\nattack_momentum: 0\n"
         "attack_random_start: false\nsave_strategy: 'no'\ndisable_tqdm: true\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(repo / "trainers" / "tecoa.py"), "--config", str(config)]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_two_cpu_processes("tecoa.py", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["optimizer_steps"] == 2 and card["effective_batch_size"] == 4  # two processes really ran
