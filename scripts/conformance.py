@@ -204,10 +204,11 @@ def build_standins(out: Path, width: Width, dtype: str) -> dict:
     import torch
     from transformers import CLIPProcessor, LlamaConfig, MistralConfig
 
+    from adpo.preprocess import load_rgb
     from adpo.testing import tiny_image_processor
 
     images = write_images(out / "images", width.images)
-    calibration = [load_image(p) for p in images[:2]]
+    calibration = [load_rgb(p) for p in images[:2]]
     torch_dtype = getattr(torch, dtype)
     models = out / "models"
     written = {}
@@ -263,11 +264,6 @@ def write_images(folder: Path, count: int) -> list[Path]:
         paths.append(path)
     return paths
 
-
-def load_image(path: Path):
-    from adpo.preprocess import load_rgb
-
-    return load_rgb(path)
 
 
 # ----------------------------------------------------------------------------------------------------
