@@ -670,9 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="working directory: models/, images/, configs/, runs/, logs/, "
                                                      "conformance.json")
     parser.add_argument("--width", choices=sorted(WIDTHS), default="reduced",
-                        help="full: exact towers, LMs at 7B width with 2-3 layers (about an hour on 2 CPU cores); "
+                        help="full: exact towers, LMs at 7B width with 2-3 layers (about 45 min and 12 GB on 2 CPU cores); "
                              "reduced: everything small but the geometry (minutes); tiny: the test suite's")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every stage runs; cpu hides any GPU from the stages (CUDA_VISIBLE_DEVICES='')")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype the stand-ins are stored and run in (bfloat16 with --device cuda: the GPU setting)")
     parser.add_argument("--in-process", action="store_true",
