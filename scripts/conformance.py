@@ -603,6 +603,8 @@ def run_suite(args) -> int:
     for stage, config in configs.items():
         (out / "configs" / f"{stage}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     env = child_environment(args.device)
+    if args.in_process:
+        os.environ.update(env)  # before any stage touches CUDA, which reads CUDA_VISIBLE_DEVICES when it starts
     own = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--width", args.width,
            "--device", args.device, "--dtype", args.dtype, "--step"]
     records, ok = [], {}
