@@ -27,6 +27,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
 from adpo.io import atomic_directory
 from adpo.preprocess import image_processor_of
+from adpo.runtime import ENCODER_DIRNAME
 
 WORLD_PREFIX = "world:"
 
@@ -602,9 +603,10 @@ def put_encoder(model: nn.Module, source: nn.Module | dict[str, torch.Tensor] | 
 
 def encoder_location(path: str | os.PathLike) -> str:
     """Where the encoder behind ``path`` lies: a trainer's run or checkpoint directory stands for the encoder it
-    wrote in ``encoder/``; anything else (an encoder directory, a hub id) is itself."""
+    wrote in ``encoder/`` (``adpo.runtime.ENCODER_DIRNAME``); anything else (an encoder directory, a hub id) is
+    itself."""
     location = Path(path).expanduser()
-    nested = location / "encoder"
+    nested = location / ENCODER_DIRNAME
     if not (location / "config.json").exists() and (nested / "config.json").exists():
         return os.fspath(nested)
     return os.fspath(path)

@@ -88,6 +88,7 @@ from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import (
+    ENCODER_DIRNAME,
     checkpoint_encoder_dir,
     fit_precision_to_device,
     load_lvlm_for_tower_training,
@@ -107,7 +108,6 @@ SOURCE_INDEX = "source_index"  # the one stored column of an online image datase
 ONLINE_COLUMNS = ("image", "prompt")
 TUNE_MODES = ("full", "lora")
 EMBEDDINGS = ("pooled", "llm")
-ENCODER_DIRNAME = "encoder"
 # Linear layers of a CLIP encoder block that LoRA adapts.
 CLIP_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
