@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,10 +45,13 @@ TRAIN_IMAGES_KEYS = {"fare": "max_train_samples", "tecoa": "max_train_samples", 
 
 @dataclass
 class StageSpec:
-    """A stage's base config file (relative to the repo or absolute) and the keys the pipeline overrides."""
+    """A stage's base config file (relative to the repo or absolute) and the keys the pipeline overrides.
+    ``trainer`` (train entries only) lets a method name a variant of a trainer, e.g. ``adpo_anchor`` training
+    with ``adpo`` under other overrides; by default a method's name is its trainer's."""
 
     config: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    trainer: str | None = None
 
 
 @dataclass
@@ -81,25 +85,37 @@ class PipelineConfig:
         def spec(value: Any, where: str) -> StageSpec:
             if value is None:
                 return StageSpec()
-            if not isinstance(value, dict) or set(value) - {"config", "overrides"}:
-                raise ValueError(f"{path}: '{where}' must be a mapping with 'config' and/or 'overrides'")
-            return StageSpec(config=value.get("config"), overrides=dict(value.get("overrides") or {}))
+            allowed = {"config", "overrides", "trainer"} if where.startswith("train.") else {"config", "overrides"}
+            if not isinstance(value, dict) or set(value) - allowed:
+                raise ValueError(f"{path}: '{where}' must be a mapping with keys among {sorted(allowed)}")
+            return StageSpec(config=value.get("config"), overrides=dict(value.get("overrides") or {}),
+                             trainer=value.get("trainer"))
 
         config = cls(**{k: v for k, v in raw.items() if k not in ("pairs", "train", "transfer", "eval")})
         config.pairs = spec(raw.get("pairs"), "pairs")
         config.transfer = spec(raw.get("transfer"), "transfer")
         config.eval = spec(raw.get("eval"), "eval")
         config.train = {name: spec(value, f"train.{name}") for name, value in (raw.get("train") or {}).items()}
-        bad = [m for m in config.methods if m not in METHODS]
-        bad += [m for pair in config.versus for m in pair if m not in config.methods]
-        if bad:
-            raise ValueError(f"{path}: unknown methods {bad}; choose from {list(METHODS)} (versus names methods of the run)")
-        if any(len(pair) != 2 for pair in config.versus):
-            raise ValueError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
         missing = [m for m in config.methods if m not in config.train]
         if missing:
             raise ValueError(f"{path}: methods {missing} have no 'train.<method>' entry naming their base config")
+        bad = [m for m in config.methods if config.trainer_of(m) not in METHODS]
+        bad += [m for pair in config.versus for m in pair if m not in config.methods]
+        if bad:
+            raise ValueError(f"{path}: unknown methods {bad}; choose from {list(METHODS)}, or name a variant's trainer "
+                             "(train.<name>.trainer); versus names methods of the run")
+        unsafe = [m for m in config.methods if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", m) or m == ORIGINAL]
+        if unsafe:
+            raise ValueError(f"{path}: method names {unsafe} must be lower-case letters, digits, '_' or '-' (and not "
+                             f"'{ORIGINAL}'): they name directories")
+        if any(len(pair) != 2 for pair in config.versus):
+            raise ValueError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
         return config
+
+    def trainer_of(self, method: str) -> str:
+        """The trainer a method runs: its train entry's ``trainer``, else its own name."""
+        spec = self.train.get(method)
+        return spec.trainer if spec is not None and spec.trainer else method
 
 
 # Top-level keys `adpo run --set` may override (the stage sections are edited in the YAML).
@@ -172,12 +188,10 @@ def _eval_name(method: str, size: str) -> str:
     return f"{method} ({size})"
 
 
-def online_adpo(config: PipelineConfig) -> bool:
-    """Whether AdPO makes its preference pairs online (no pairs stage to run first)."""
-    if "adpo" not in config.methods:
-        return False
-    spec = config.train["adpo"]
-    return {**_load_base(spec), **spec.overrides}.get("pair_source", "stored") == "online"
+def stored_pairs_methods(config: PipelineConfig) -> list[str]:
+    """The AdPO methods that train on stored preference pairs (they need the pairs stage; online ones do not)."""
+    return [m for m in config.methods if config.trainer_of(m) == "adpo"
+            and {**_load_base(config.train[m]), **config.train[m].overrides}.get("pair_source", "stored") != "online"]
 
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
@@ -187,8 +201,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     stages: list[Stage] = []
 
     pairs_dir = out / "pairs"
-    online = online_adpo(config)
-    if "adpo" in config.methods and not online:
+    if stored_pairs_methods(config):
         keys = {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed,
                 **({} if train_eps is None else {"eps": train_eps})}
         if config.train_images is not None:
@@ -196,14 +209,15 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
 
     for method in config.methods:
+        trainer = config.trainer_of(method)
         train_dir = out / "train" / method
         keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
         inputs: tuple[str, ...] = ()
-        if method == "adpo":
+        if trainer == "adpo":
             # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
             # base config says (the world's standalone WorldCLIP, whose vision tower the LVLMs share).
             keys["model_name_or_path"] = config.small_model
-            if online:
+            if method not in stored_pairs_methods(config):
                 if config.train_images is not None:
                     keys["max_images"] = config.train_images
             else:
@@ -215,8 +229,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             if train_eps is not None:
                 keys["eps"] = train_eps
             if config.train_images is not None:
-                keys[TRAIN_IMAGES_KEYS[method]] = config.train_images
-        stages.append(_command_stage(f"train-{method}", train_dir, ["train", method], _merged_config(config.train[method], keys),
+                keys[TRAIN_IMAGES_KEYS[trainer]] = config.train_images
+        stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
                                      inputs, _resume_training))
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -191,6 +191,34 @@ def test_identical_pairs_drop_leaves_them_out_of_pio_but_not_out_of_aio(tmp_path
                                       - loss_of("keep", identical=[0], aio_weight=0.0), rel=1e-4)
 
 
+def test_the_anchor_adds_mu_times_the_relative_clean_drift_and_trains_the_tower(tmp_path, image_folder):
+    def trainer_away_from_reference(anchor_weight: float) -> AdPOTrainer:
+        trainer = online_trainer(online_config(tmp_path, image_folder, anchor_weight=anchor_weight))
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in find_vision_tower(trainer.accelerator.unwrap_model(trainer.model)).parameters():
+                if parameter.requires_grad:
+                    parameter.add_(torch.randn_like(parameter) * 0.05)
+        trainer.model.train()
+        return trainer
+
+    plain, anchored = trainer_away_from_reference(0.0), trainer_away_from_reference(2.5)
+    batch = first_batch(anchored)
+    with torch.no_grad():
+        policy = anchored.view.tower.embed(batch["clean_pixels"], "llm")
+        with anchored._reference() as (_, reference_view):
+            original = reference_view.embed(batch["clean_pixels"], "llm")
+    expected = ((policy - original).pow(2).flatten(1).sum(1) / original.pow(2).flatten(1).sum(1)).mean()
+    assert expected > 0
+    loss = anchored.compute_loss(anchored.model, batch)
+    assert loss.item() - plain.compute_loss(plain.model, first_batch(plain)).item() == pytest.approx(
+        2.5 * expected.item(), rel=1e-4)
+    assert anchored._metrics["train"]["anchor"][-1] == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    tower = find_vision_tower(anchored.accelerator.unwrap_model(anchored.model))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.parameters())
+
+
 def test_a_step_where_every_pair_is_identical_and_no_aio_leaves_the_weights_alone(tmp_path, image_folder):
     # Weight decay and AdamW's momentum from step 1 would move the weights on a zero gradient.
     config = online_config(tmp_path, image_folder, identical_pairs="drop", max_steps=2, weight_decay=0.1,
@@ -266,6 +294,8 @@ def test_bad_online_settings_are_refused_before_any_model_loads(tmp_path, image_
         main([*common, "--pair_source", "online", "--image_source", str(tmp_path / "absent")])
     with pytest.raises(ValueError, match="remove adv_source"):
         main([*common, "--pair_source", "online", "--image_source", str(image_folder), "--adv_source", "stored"])
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
+        main([*common, "--pair_source", "online", "--image_source", str(image_folder), "--anchor_weight", "-1"])
 
 
 @pytest.mark.distributed

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adpo.losses.encoder import fare_loss, simclip_loss, tecoa_loss
+from adpo.losses.encoder import fare_loss, relative_drift_loss, simclip_loss, tecoa_loss
 
 
 def test_fare_is_squared_l2_summed_over_dims_and_averaged_over_batch():
@@ -84,3 +84,13 @@ def test_simclip_averages_per_token_cosine():
 def test_unknown_reduction_is_refused():
     with pytest.raises(ValueError, match="reduction"):
         fare_loss(torch.zeros(1, 2), torch.zeros(1, 2), reduction="sum")
+
+
+def test_relative_drift_is_fares_distance_over_the_original_squared_norm():
+    policy = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    original = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    # rows: |(1, 0)|^2 / 1 = 1 and |(0, -1)|^2 / 4 = 0.25
+    assert relative_drift_loss(policy, original, reduction="none").tolist() == pytest.approx([1.0, 0.25])
+    assert relative_drift_loss(policy, original).item() == pytest.approx(0.625)
+    # scale-free: both embeddings ten times larger give the same value
+    assert relative_drift_loss(10 * policy, 10 * original).item() == pytest.approx(0.625)

@@ -282,29 +282,71 @@ def test_set_overrides_top_level_keys_and_refuses_others(tmp_path, monkeypatch, 
     assert "--set 'methods=[adpo]'" in capsys.readouterr().err
 
 
+def test_a_variant_method_runs_its_trainer_with_its_own_overrides_and_directories(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+    content = {
+        "output_dir": str(tmp_path / "out"), "methods": ["fare", "adpo", "adpo_anchor"], "versus": [["adpo_anchor", "adpo"]],
+        "train": {"fare": {"overrides": {"max_steps": 1}},
+                  "adpo": {"overrides": {"max_steps": 1, "pair_source": "online"}},
+                  "adpo_anchor": {"trainer": "adpo", "overrides": {"max_steps": 1, "pair_source": "online", "anchor_weight": 10}}},
+    }
+    path = tmp_path / "variants.yaml"
+    path.write_text(yaml.safe_dump(content))
+    pipeline.run_pipeline(pipeline.PipelineConfig.from_yaml(path))
+    commands = [tuple(argv[:2]) for argv in calls]
+    assert ("pairs", "--config") not in commands  # both AdPO methods make their pairs online
+    assert commands[:3] == [("train", "fare"), ("train", "adpo"), ("train", "adpo")]
+    anchored = yaml.safe_load((tmp_path / "out/train/adpo_anchor/stage_config.yaml").read_text())
+    assert anchored["anchor_weight"] == 10 and anchored["output_dir"].endswith("train/adpo_anchor/run")
+    assert "anchor_weight" not in yaml.safe_load((tmp_path / "out/train/adpo/stage_config.yaml").read_text())
+    compare = calls[-1]
+    versus = [compare[i + 1 : i + 3] for i, arg in enumerate(compare) if arg == "--versus"]
+    assert versus == [["adpo_anchor (small)", "adpo (small)"], ["adpo_anchor (large)", "adpo (large)"]]
+    # a variant of an unknown trainer, or a name that cannot be a directory, is refused
+    content["train"]["adpo_anchor"]["trainer"] = "dpo"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="unknown methods"):
+        pipeline.PipelineConfig.from_yaml(path)
+    content["methods"], content["train"]["../x"] = ["../x"], {"trainer": "fare"}
+    content["versus"] = []
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="name directories"):
+        pipeline.PipelineConfig.from_yaml(path)
+
+
 def test_versus_must_name_methods_of_the_run(tmp_path):
     with pytest.raises(ValueError, match="versus"):
         pipeline.PipelineConfig.from_yaml(_study_config(tmp_path, versus=[["adpo", "simclip"]]))
 
 
 def test_the_world_study_reuses_its_validation_phase_trainings(tmp_path):
-    """configs/world_study.yaml run in a directory of configs/world_study_val.yaml trains nothing new: the training
-    stages' settings are the same, only the evaluation (test questions, both LVLMs) differs."""
+    """configs/world_study.yaml and the remedy's validation (world_study_anchor_val.yaml), run in a directory of
+    configs/world_study_val.yaml, train nothing that ran there: a training stage of the same name has the same
+    settings in every phase, and the small-LVLM validation scores are reused by the remedy's phase."""
     root = Path(__file__).resolve().parent.parent / "configs"
     stages = {}
-    for name in ("world_study", "world_study_val"):
+    for name in ("world_study", "world_study_val", "world_study_anchor_val"):
         config = pipeline.PipelineConfig.from_yaml(root / f"{name}.yaml")
         config.output_dir = str(tmp_path / "eps8")
         stages[name] = {s.name: s for s in pipeline.build_stages(config)}
-    training = [name for name in stages["world_study"] if name.startswith("train-")]
-    assert training == ["train-fare", "train-tecoa", "train-adpo"]
-    for name in training:
-        assert stages["world_study"][name].settings == stages["world_study_val"][name].settings
+    assert [n for n in stages["world_study_val"] if n.startswith("train-")] == ["train-fare", "train-tecoa", "train-adpo"]
+    for phase in ("world_study", "world_study_anchor_val"):
+        for name, stage in stages[phase].items():
+            if name.startswith("train-") and name in stages["world_study_val"]:
+                assert stage.settings == stages["world_study_val"][name].settings, (phase, name)
+    for name in ("eval-small-original", "eval-small-fare", "eval-small-adpo"):
+        assert stages["world_study_anchor_val"][name].settings == stages["world_study_val"][name].settings
     adpo = stages["world_study"]["train-adpo"].settings
     fare = stages["world_study"]["train-fare"].settings
     assert adpo["max_images"] == fare["max_train_samples"] == 512
     assert adpo["num_train_epochs"] == fare["num_train_epochs"] == stages["world_study"]["train-tecoa"].settings["num_train_epochs"]
     assert adpo["attack_eps"] == fare["eps"] == "8/255"
+    # the remedy differs from the paper's AdPO in its anchor only
+    anchored = dict(stages["world_study_anchor_val"]["train-adpo_anchor"].settings)
+    assert anchored.pop("anchor_weight") == 10 and anchored.pop("output_dir").endswith("adpo_anchor/run")
+    assert anchored == {k: v for k, v in adpo.items() if k != "output_dir"}
     assert stages["world_study"]["eval-small-adpo"].settings["data"] == "world:test"
     assert stages["world_study_val"]["eval-small-adpo"].settings["data"] == "world:val"
+    assert stages["world_study_anchor_val"]["eval-large-adpo_anchor"].settings["data"] == "world:val"
     assert "transfer-adpo" not in stages["world_study_val"]

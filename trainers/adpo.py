@@ -4,11 +4,14 @@ A subclass of TRL's :class:`~trl.DPOTrainer` that trains **only the vision tower
 model on preference pairs, with
 
 
-    loss = PIO + λ·AIO                                (adpo.losses.preference)
+    loss = PIO + λ·AIO [+ μ·anchor]                   (adpo.losses.preference, adpo.losses.encoder)
 
 * PIO: DPO between π(y_w | x, q) on the *clean* image and π(y_l | x_adv, q) on the *adversarial* one,
   in any of TRL's loss shapes that make sense here (``loss_type``; sigmoid by default).
 * AIO: −Σ_t sg(p_t)·log p_t of y_w on x_adv (λ = ``aio_weight``).
+* anchor (optional, off by default; not in the paper): ‖φ_θ(x) − φ_orig(x)‖² / ‖φ_orig(x)‖² on the clean
+  images (μ = ``anchor_weight``), so the tower's clean features stay where a grafted LVLM's projector,
+  trained on the original tower, expects them.
 
 Where the pairs come from (``pair_source``):
 
@@ -73,6 +76,7 @@ from trl.trainer.utils import use_adapter
 
 import adpo
 from adpo.attacks import attack_mode, pgd
+from adpo.losses.encoder import relative_drift_loss
 from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_logps
 from adpo.lvlm import (
     LlavaView,
@@ -198,6 +202,12 @@ class AdPOConfig(DPOConfig):
 
     # --- the AdPO objective -------------------------------------------------------------------------
     aio_weight: float = field(default=1.0, metadata={"help": "λ: weight of AIO in PIO + λ·AIO (0 disables AIO)."})
+    anchor_weight: float = field(
+        default=0.0,
+        metadata={"help": "μ: weight of the clean-feature anchor ||φ_θ(x) − φ_orig(x)||² / ||φ_orig(x)||² added to the "
+                  "loss (drift_embedding output; 0, the paper's AdPO, disables it). Keeps the clean features where a "
+                  "projector trained on the original tower reads them, for encoders meant to be grafted."},
+    )
     use_stored_ref_logps: bool = field(
         default=True,
         metadata={"help": "Use the dataset's ref_chosen_logps / ref_rejected_logps when present instead of running "
@@ -221,8 +231,8 @@ class AdPOConfig(DPOConfig):
     )
     drift_embedding: str = field(
         default="llm",
-        metadata={"help": "Tower output the logged clean-embedding drift ||φ_θ(x) − φ_orig(x)|| compares: 'llm' "
-                  "(the features the LLM consumes) or 'pooled'."},
+        metadata={"help": "Tower output the logged clean-embedding drift ||φ_θ(x) − φ_orig(x)|| (and the anchor) "
+                  "compares: 'llm' (the features the LLM consumes) or 'pooled'."},
     )
 
     # --- what trains --------------------------------------------------------------------------------
@@ -268,8 +278,9 @@ class AdPOConfig(DPOConfig):
         unsupported = [t for t in self.loss_type if t not in PIO_LOSS_TYPES]
         if unsupported:
             problems.append(f"loss_type {unsupported} has no PIO form; use one or more of {PIO_LOSS_TYPES}")
-        if self.aio_weight < 0:
-            problems.append(f"aio_weight must be >= 0, got {self.aio_weight}")
+        for key in ("aio_weight", "anchor_weight"):
+            if getattr(self, key) < 0:
+                problems.append(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.model_dtype not in ("float32", "fp32") and not (self.bf16 or self.fp16 or self.keep_tower_dtype):
             problems.append(f"model_dtype={self.model_dtype!r} with an fp32 tower needs mixed precision (bf16: true or "
                             "fp16: true) so the projector accepts the tower's features; or set keep_tower_dtype: true")
@@ -683,7 +694,13 @@ class AdPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-        metrics["drift/clean_embedding"].append(gather(self._clean_drift(clean)).mean().item())
+        policy_features, original_features = self._clean_features(clean, with_grad=args.anchor_weight > 0)
+        if args.anchor_weight > 0:
+            anchor = relative_drift_loss(policy_features.float(), original_features.float())
+            loss = loss + args.anchor_weight * anchor
+            metrics["anchor"].append(gather(anchor.detach()).mean().item())
+        drift = (policy_features.detach().float() - original_features.float()).flatten(1).norm(dim=1)
+        metrics["drift/clean_embedding"].append(gather(drift).mean().item())
         return loss
 
     def _reference_logps(self, inputs, pixels, input_ids, attention_mask, labels):
@@ -758,14 +775,15 @@ class AdPOTrainer(DPOTrainer):
         result = pgd(objective, clean, self.args.threat(), self.args.attack_steps, generator=generator)
         return result.x_adv.detach()
 
-    def _clean_drift(self, clean: torch.Tensor) -> torch.Tensor:
-        """Per-sample ‖φ_θ(x) − φ_orig(x)‖₂ on the clean images (``drift_embedding`` output of the tower)."""
+    def _clean_features(self, clean: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ_θ(x) (differentiable when ``with_grad``, for the anchor) and φ_orig(x) on the clean images, as the
+        ``drift_embedding`` output of the tower."""
         which = self.args.drift_embedding
-        with torch.no_grad():
-            policy = self.view.tower.embed(clean, which).float()
-            with self._reference() as (_, reference_view):
-                original = reference_view.embed(clean, which).float()
-        return (policy - original).flatten(1).norm(dim=1)
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
+            policy = self.view.tower.embed(clean, which)
+        with torch.no_grad(), self._reference() as (_, reference_view):
+            original = reference_view.embed(clean, which)
+        return policy, original
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation reports the loss and the logged metrics (rewards, margins, drift); there are no logits.
@@ -846,6 +864,7 @@ class AdPOTrainer(DPOTrainer):
             "dataset": args.dataset_path if args.pair_source == "stored" else args.image_source,
             "beta": args.beta,
             "aio_weight": args.aio_weight,
+            "anchor_weight": args.anchor_weight,
             "loss_type": list(args.loss_type),
             "adv_source": args.adv_source,
             "tune": args.tune,

@@ -45,6 +45,16 @@ def fare_loss(
     return _reduce(difference.pow(2).flatten(1).sum(dim=1), reduction)
 
 
+def relative_drift_loss(
+    policy_embedding: torch.Tensor, original_embedding: torch.Tensor, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """Clean-feature anchor: ``||phi_theta(x) - phi_orig(x)||_2^2 / ||phi_orig(x)||_2^2``, FARE's distance
+    divided by the original embedding's squared norm so its weight does not depend on the tower's scale.
+    ``original_embedding`` is a constant (detached here)."""
+    scale = original_embedding.detach().pow(2).flatten(1).sum(dim=1).clamp_min(torch.finfo(original_embedding.dtype).tiny)
+    return _reduce(fare_loss(policy_embedding, original_embedding, reduction="none") / scale, reduction)
+
+
 def tecoa_loss(
     adversarial_image_embedding: torch.Tensor,
     class_text_embeddings: torch.Tensor,
