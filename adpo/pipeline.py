@@ -196,7 +196,6 @@ def stored_pairs_methods(config: PipelineConfig) -> list[str]:
 
 def build_stages(config: PipelineConfig) -> list[Stage]:
     out = Path(config.output_dir)
-    eps_keys = {} if config.eps is None else {"eps": config.eps}
     train_eps = config.train_eps if config.train_eps is not None else config.eps
     stages: list[Stage] = []
 
