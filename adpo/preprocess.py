@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 
 class ImageLoadError(ValueError):
@@ -38,7 +38,8 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image | np.ndarray | dict
     """Open an image from a path, bytes, array, PIL image or HF ``{"bytes", "path"}`` dict as RGB.
 
     L, LA, RGBA, CMYK, I;16, F and P (with or without transparency) are converted; unreadable or corrupt
-    files raise :class:`ImageLoadError` naming the file and the reason.
+    files raise :class:`ImageLoadError` naming the file and the reason. A photo's EXIF orientation is applied,
+    so the image is upright as a viewer shows it.
     """
     name = "<in-memory image>"
     try:
@@ -58,6 +59,8 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image | np.ndarray | dict
             name = os.fspath(source)
             image = Image.open(name)
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # cameras store pixels unrotated and record the turn here
+            image = ImageOps.exif_transpose(image)
     except FileNotFoundError as error:
         raise ImageLoadError(name, f"file not found ({error.filename})") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:

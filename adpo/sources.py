@@ -4,12 +4,16 @@ annotation file, or the bundled world.
 A source is an indexable sequence of :class:`ImageRecord` with stable ``source_id`` strings, so that
 work can be split across processes by index and resumed. Reading an image never raises: a corrupt or
 missing file yields a record with ``image=None`` and ``error`` saying why, for the caller to skip and
-report.
+report. Files a folder source cannot list (empty, or named in bytes that are not UTF-8) are left out
+when it opens, with a warning, and kept in ``source.skipped``. Image paths a source reads from its data
+(COCO ``file_name``, a saved dataset's path-only rows, a folder's symlinks) must stay inside the source's
+root: one that leads outside is refused when the source opens, unless ``allow_outside_root``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,8 @@ from typing import Any, Sequence
 from PIL import Image
 
 from adpo.preprocess import ImageLoadError, load_rgb
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -38,6 +44,8 @@ class ImageSource(Sequence[ImageRecord]):
 
     class_names: list[str] | None = None
     name: str = "source"
+    # files left out when the source opened: ``{"source_id", "reason"}``, as a pairs card lists skipped images
+    skipped: list[dict[str, str]] = []
 
     def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
         if isinstance(index, slice):
@@ -57,6 +65,36 @@ class ImageSource(Sequence[ImageRecord]):
         return self[index].source_id
 
 
+def resolve_inside(root: str | os.PathLike, name: str | os.PathLike, row: str, allow_outside_root: bool = False) -> Path:
+    """``root / name`` (``name`` relative to ``root``, or absolute), refused when it leads outside ``root``.
+
+    Symlinks are followed, so a link inside ``root`` pointing elsewhere is outside too: a data file must not make
+    a run read arbitrary files. ``row`` names the entry in the error; ``allow_outside_root`` lifts the check.
+    """
+    path = Path(root) / name
+    if not allow_outside_root and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ValueError(f"{row}: image path {os.fspath(name)!r} leads outside its root {os.fspath(root)!r}; move the "
+                         "image inside it, or set allow_outside_root: true if the data is trusted")
+    return path
+
+
+def _printable(name: str) -> str:
+    """A file name as text even when its bytes are not UTF-8 (shown with \\x escapes)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _unlistable(path: Path, relative: str) -> str | None:
+    """Why a folder source leaves ``path`` out (None: it keeps it). Its id must be text every later step can
+    encode (prompt seeding, parquet, JSON), and an empty file holds no image."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if path.stat().st_size == 0:
+        return "empty file"
+    return None
+
+
 def _safe_load(source_id: str, loader: Any) -> tuple[Image.Image | None, str | None]:
     try:
         return load_rgb(loader), None
@@ -68,11 +106,23 @@ class FolderSource(ImageSource):
     """Every image below ``root`` (sorted, recursive). With ``labelled``, the class of an image is the name
     of its first-level sub-folder (``root/<class>/...``), as in torchvision's ImageFolder layout."""
 
-    def __init__(self, root: str | os.PathLike, labelled: bool = False):
+    def __init__(self, root: str | os.PathLike, labelled: bool = False, allow_outside_root: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist; pass a directory of images")
-        self.paths = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.paths, self.skipped = [], []
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            relative = path.relative_to(self.root).as_posix()
+            reason = _unlistable(path, relative)
+            if reason is not None:
+                self.skipped.append({"source_id": _printable(relative), "reason": reason})
+                continue
+            resolve_inside(self.root, relative, f"image folder {self.root}, file {relative}", allow_outside_root)
+            self.paths.append(path)
+        if self.skipped:
+            shown = ", ".join(f"{entry['source_id']} ({entry['reason']})" for entry in self.skipped[:5])
+            logger.warning("image folder %s: skipping %d file(s): %s%s", self.root, len(self.skipped), shown,
+                           ", ..." if len(self.skipped) > 5 else "")
         if not self.paths:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found below {self.root}")
         self.name = f"folder:{self.root}"
@@ -110,6 +160,7 @@ class HFDatasetSource(ImageSource):
         caption_column: str | None = None,
         question_column: str | None = None,
         answers_column: str | None = None,
+        allow_outside_root: bool = False,
     ):
         import datasets
 
@@ -125,6 +176,19 @@ class HFDatasetSource(ImageSource):
             if column is not None and column not in loaded.column_names:
                 raise ValueError(f"dataset {path_or_id} has no column {column!r}; its columns are {loaded.column_names}")
         self.dataset = loaded.cast_column(image_column, datasets.Image(decode=False))
+        # A saved dataset embeds its images; a row with a file path instead is read inside the dataset's folder.
+        self.root = Path(path_or_id) if Path(path_or_id).is_dir() else None
+        self.external: dict[int, Path] = {}
+        if self.root is not None:
+            import pyarrow.compute as pc
+
+            start = 0  # arrow compute on the memory-mapped column: the image bytes are never copied
+            for chunk in self.dataset.select_columns([image_column]).with_format("arrow")[:][image_column].chunks:
+                paths = chunk.field("path")
+                for i in pc.indices_nonzero(pc.and_(pc.is_null(chunk.field("bytes")), pc.is_valid(paths))).to_pylist():
+                    self.external[start + i] = resolve_inside(self.root, paths[i].as_py(), f"{path_or_id} row {start + i}",
+                                                              allow_outside_root)
+                start += len(chunk)
         self.image_column, self.label_column, self.id_column, self.caption_column = image_column, label_column, id_column, caption_column
         self.question_column, self.answers_column = question_column, answers_column
         self.name = f"hf:{path_or_id}[{split}]"
@@ -141,7 +205,7 @@ class HFDatasetSource(ImageSource):
     def _record(self, index: int) -> ImageRecord:
         row = self.dataset[index]
         source_id = self.source_id(index)
-        image, error = _safe_load(source_id, row[self.image_column])
+        image, error = _safe_load(source_id, self.external.get(index, row[self.image_column]))
         label = None
         if self.label_column is not None:
             raw = row[self.label_column]
@@ -163,9 +227,10 @@ def _as_list(value: Any) -> list[str]:
 
 class CocoSource(ImageSource):
     """A COCO-style captions file (``images`` with ``id`` and ``file_name``; ``annotations`` with
-    ``image_id`` and ``caption``) and the folder holding the images."""
+    ``image_id`` and ``caption``) and the folder holding the images; every ``file_name`` must lie inside it
+    (checked when the source opens) unless ``allow_outside_root``."""
 
-    def __init__(self, annotation_file: str | os.PathLike, image_root: str | os.PathLike):
+    def __init__(self, annotation_file: str | os.PathLike, image_root: str | os.PathLike, allow_outside_root: bool = False):
         with open(annotation_file) as handle:
             try:
                 content = json.load(handle)
@@ -175,6 +240,8 @@ class CocoSource(ImageSource):
             raise ValueError(f"{annotation_file} has no 'images' list; is it a COCO annotation file?")
         self.image_root = Path(image_root)
         self.images = sorted(content["images"], key=lambda image: image["id"])
+        self.paths = [resolve_inside(self.image_root, entry["file_name"], f"{annotation_file} image id {entry['id']}",
+                                     allow_outside_root) for entry in self.images]
         self.captions: dict[Any, list[str]] = {}
         for annotation in content.get("annotations", []):
             if "caption" in annotation:
@@ -189,7 +256,7 @@ class CocoSource(ImageSource):
 
     def _record(self, index: int) -> ImageRecord:
         entry = self.images[index]
-        image, error = _safe_load(str(entry["id"]), self.image_root / entry["file_name"])
+        image, error = _safe_load(str(entry["id"]), self.paths[index])
         return ImageRecord(source_id=str(entry["id"]), image=image, captions=self.captions.get(entry["id"], []), error=error)
 
 
@@ -225,6 +292,7 @@ def open_source(
     n: int | None = None,
     labelled: bool = False,
     image_root: str | None = None,
+    allow_outside_root: bool = False,
     **hf_columns: Any,
 ) -> ImageSource:
     """Open an image source from a short spec.
@@ -232,20 +300,21 @@ def open_source(
     ``world`` or ``world:<split>`` — the bundled world; a directory with ``dataset_info.json`` or
     ``dataset_dict.json`` — a saved HF dataset; any other directory — an image folder; a ``.json`` file — a
     COCO annotation file (``image_root`` defaults to its folder); anything else — a hub dataset id.
-    ``n`` keeps the first n records (the world generates exactly n).
+    ``n`` keeps the first n records (the world generates exactly n). ``allow_outside_root`` lets image paths in
+    the data lead outside the folder, the dataset directory or ``image_root`` (refused by default).
     """
     path = Path(spec)
     if spec == "world" or spec.startswith("world:"):
         world_split = spec.split(":", 1)[1] if ":" in spec else split
         return WorldSource(world_split, n=n)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-        source: ImageSource = HFDatasetSource(spec, split=split, **hf_columns)
+        source: ImageSource = HFDatasetSource(spec, split=split, allow_outside_root=allow_outside_root, **hf_columns)
     elif path.is_dir():
-        source = FolderSource(path, labelled=labelled)
+        source = FolderSource(path, labelled=labelled, allow_outside_root=allow_outside_root)
     elif path.suffix == ".json":
         if not path.exists():
             raise FileNotFoundError(f"COCO annotation file {path} does not exist")
-        source = CocoSource(path, image_root or path.parent)
+        source = CocoSource(path, image_root or path.parent, allow_outside_root=allow_outside_root)
     elif path.exists():
         raise ValueError(f"cannot read {spec} as an image source: pass a folder, a saved HF dataset, a COCO .json or 'world'")
     else:
@@ -258,7 +327,7 @@ class Truncated(ImageSource):
 
     def __init__(self, inner: ImageSource, n: int):
         self.inner, self.n = inner, min(n, len(inner))
-        self.class_names, self.name = inner.class_names, f"{inner.name}[:{n}]"
+        self.class_names, self.name, self.skipped = inner.class_names, f"{inner.name}[:{n}]", inner.skipped
 
     def __len__(self) -> int:
         return self.n

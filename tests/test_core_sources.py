@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -113,3 +114,81 @@ def test_transformers_torchvision_fallback_warning_is_silenced_once_adpo_is_impo
     # Only that message: the logger's other warnings still come through.
     assert "another warning" in stderr_of("import adpo\nfrom transformers.utils import import_utils\n"
                                           "import_utils.logger.warning('another warning')")
+
+
+def _coco(tmp_path, file_name):
+    _write_images(tmp_path / "images", ["inside.png"])
+    annotations = {"images": [{"id": 1, "file_name": "inside.png"}, {"id": 7, "file_name": file_name}], "annotations": []}
+    (tmp_path / "captions.json").write_text(json.dumps(annotations))
+    return tmp_path / "captions.json"
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "absolute"])
+def test_coco_file_names_outside_the_image_root_are_refused_unless_allowed(tmp_path, escape):
+    _write_images(tmp_path, ["outside.png"])
+    file_name = str(tmp_path / "outside.png") if escape == "absolute" else escape
+    annotation_file = _coco(tmp_path, file_name)
+    with pytest.raises(ValueError, match="image id 7") as refused:
+        open_source(str(annotation_file), image_root=str(tmp_path / "images"))
+    message = str(refused.value)
+    assert "\n" not in message and repr(file_name) in message and "allow_outside_root" in message
+    source = open_source(str(annotation_file), image_root=str(tmp_path / "images"), allow_outside_root=True)
+    assert [source[i].image is not None for i in range(len(source))] == [True, True]
+
+
+def test_paths_inside_the_root_are_read_whatever_their_spelling(tmp_path):
+    annotation_file = _coco(tmp_path, str(tmp_path / "images" / "sub" / ".." / "inside.png"))
+    (tmp_path / "images" / "sub").mkdir()
+    source = open_source(str(annotation_file), image_root=str(tmp_path / "images"))
+    assert source[1].image is not None
+
+
+def test_a_folder_symlink_leading_out_of_the_folder_is_refused_unless_allowed(tmp_path):
+    _write_images(tmp_path, ["secret.png"])
+    _write_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "images" / "b.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(ValueError, match="file b.png.*leads outside"):
+        open_source(str(tmp_path / "images"))
+    assert len(open_source(str(tmp_path / "images"), allow_outside_root=True)) == 2
+
+
+def test_a_saved_dataset_row_with_a_path_outside_its_folder_is_refused_unless_allowed(tmp_path):
+    import datasets
+
+    _write_images(tmp_path, ["outside.png"])
+    _write_images(tmp_path / "ds", ["inside.png"])
+    # path-only rows, as a hand-made dataset may hold (save_to_disk itself embeds the bytes of an Image column)
+    features = datasets.Features({"image": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}})
+    rows = [{"bytes": None, "path": "inside.png"}, {"bytes": None, "path": str(tmp_path / "outside.png")}]
+    datasets.Dataset.from_dict({"image": rows}, features=features).save_to_disk(tmp_path / "ds")
+    with pytest.raises(ValueError, match="row 1: image path .*outside.png"):
+        open_source(str(tmp_path / "ds"))
+    source = open_source(str(tmp_path / "ds"), allow_outside_root=True)
+    assert source[0].image is not None and source[1].image is not None
+
+
+def test_odd_files_in_a_folder_are_skipped_with_a_warning_and_exif_rotation_is_applied(tmp_path, caplog):
+    from PIL import ExifTags
+
+    folder = tmp_path / "images"
+    _write_images(folder, ["good.png"])
+    (folder / os.fsdecode(b"bad\xff.png")).write_bytes((folder / "good.png").read_bytes())
+    (folder / "empty.png").write_bytes(b"")
+    # stored 32 wide x 16 high, left half red, right half blue; orientation 6: shown turned 90 degrees clockwise
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:, :16] = (255, 0, 0)
+    stored[:, 16:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.fromarray(stored).save(folder / "rotated.jpg", exif=exif, quality=95)
+
+    with caplog.at_level("WARNING", logger="adpo.sources"):
+        source = open_source(str(folder))
+    assert [source.source_id(i) for i in range(len(source))] == ["good.png", "rotated.jpg"]
+    assert source.skipped == [{"source_id": "bad\\xff.png", "reason": "file name is not valid UTF-8"},
+                              {"source_id": "empty.png", "reason": "empty file"}]
+    assert "skipping 2 file(s)" in caplog.text and "bad\\xff.png" in caplog.text
+    upright = np.asarray(source[1].image)
+    assert upright.shape == (32, 16, 3)  # turned: now 16 wide x 32 high, red on top, blue below
+    assert upright[4, 8, 0] > 200 and upright[4, 8, 2] < 60
+    assert upright[28, 8, 2] > 200 and upright[28, 8, 0] < 60
