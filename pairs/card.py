@@ -34,6 +34,7 @@ def build_summary(
     prompts: list[str],
     images_planned: int,
     items_planned: int,
+    source_skipped: list[dict],
     shard_records: list[dict],
     answers_differ: list[bool],
     distances: list[float],
@@ -43,8 +44,9 @@ def build_summary(
     num_processes: int,
     fingerprint: str,
 ) -> dict:
-    """Everything the card reports, machine-readable. ``answers_differ`` / ``distances`` cover every generated pair."""
-    skipped = [entry for record in shard_records for entry in record.get("skipped", [])]
+    """Everything the card reports, machine-readable. ``answers_differ`` / ``distances`` cover every generated pair;
+    the skipped images are the files the source left out when listing, then the unreadable ones of each shard."""
+    skipped = list(source_skipped) + [entry for record in shard_records for entry in record.get("skipped", [])]
     generated = len(answers_differ)
     changed = sum(answers_differ)
     seconds = sum(record.get("seconds", 0.0) for record in shard_records)

@@ -18,9 +18,11 @@ NORMS = ("linf", "l2")
 EMBEDDINGS = ("pooled", "llm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-#: fields that leave the shards unchanged (keep_unchanged acts at merge): a resumed run may change them
+#: fields that leave the shards unchanged (keep_unchanged acts at merge; allow_outside_root only lets a run start):
+#: a resumed run may change them
 NON_CONTENT_FIELDS = frozenset(
-    {"output_dir", "push_to_hub", "hub_repo_id", "hub_private", "progress", "device_map", "keep_unchanged"}
+    {"output_dir", "push_to_hub", "hub_repo_id", "hub_private", "progress", "device_map", "keep_unchanged",
+     "allow_outside_root"}
 )
 
 
@@ -52,6 +54,11 @@ class PairsConfig:
     image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
     id_column: str | None = field(default=None, metadata={"help": "HF dataset: column with a stable id (default: row index)."})
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={"help": "Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
+                          "dataset's path outside its folder, a folder's symlink out of it); refused by default."},
+    )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(
         default=False,

@@ -33,6 +33,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from adpo.attacks import pgd
+from adpo.io import write_json_atomic, write_text_atomic
 from adpo.lvlm import LlavaView, load_lvlm
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
@@ -44,8 +45,6 @@ from pairs.images import RunImages, open_image_source
 from pairs.shards import (
     ShardPlan,
     WorkItem,
-    atomic_write_json,
-    atomic_write_text,
     check_or_write_manifest,
     features_for,
     merge_shards,
@@ -292,8 +291,9 @@ def run(config: PairsConfig) -> dict:
             step_size=ThreatModel(config.norm, eps, config.step_size_value()).alpha,
             model_id=config.model_name_or_path,
             prompts=prompts,
-            images_planned=len(source.source_ids),
+            images_planned=len(source.source_ids) + len(source.skipped),
             items_planned=items_planned,
+            source_skipped=source.skipped,
             shard_records=[read_shard_record(output_dir, i) for i in range(len(shards))],
             answers_differ=every_pair["answers_differ"],
             distances=every_pair["embedding_distance"],
@@ -303,9 +303,9 @@ def run(config: PairsConfig) -> dict:
             num_processes=state.num_processes,
             fingerprint=manifest["fingerprint"],
         )
-        atomic_write_json(summary_path, summary)
+        write_json_atomic(summary_path, summary)
         card = render_card(summary)
-        atomic_write_text(output_dir / "README.md", card)
+        write_text_atomic(output_dir / "README.md", card)
         if config.push_to_hub:
             kept.push_to_hub(config.hub_repo_id, private=config.hub_private)
             from huggingface_hub import DatasetCard

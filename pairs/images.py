@@ -16,11 +16,13 @@ from pairs.config import PairsConfig
 
 
 class RunImages:
-    """The source, its ids in order, and loading by position (a reason string instead of an image when unreadable)."""
+    """The source, its ids in order, the files it left out when listing (``source.skipped``, reported with the
+    unreadable images), and loading by position (a reason string instead of an image when unreadable)."""
 
     def __init__(self, source: ImageSource):
         self.source = source
         self.source_ids = [source.source_id(i) for i in range(len(source))]
+        self.skipped = list(source.skipped)
 
     def load(self, positions: Sequence[int]) -> Iterator[tuple[str, Image.Image | str]]:
         for position in positions:
@@ -40,5 +42,6 @@ def open_image_source(config: PairsConfig) -> RunImages:
     hf_columns = {"image_column": config.image_column}
     if config.id_column:
         hf_columns["id_column"] = config.id_column
-    source = open_source(config.resolved_source(), split=config.source_split, n=config.max_images, image_root=config.image_root, **hf_columns)
+    source = open_source(config.resolved_source(), split=config.source_split, n=config.max_images, image_root=config.image_root,
+                         allow_outside_root=config.allow_outside_root, **hf_columns)
     return RunImages(source)

@@ -7,8 +7,8 @@
 * **Shard files.** ``shards/shard-00007.parquet`` holds the pairs of shard 7 (HF features in the
   schema metadata, so images stay ``Image``); ``shards/shard-00007.json`` is written *after* it and
   marks the shard finished (skipped images, counts, timing). Both are written to a temporary name and
-  renamed, so a kill -9 leaves either a finished shard or nothing that counts: an unfinished shard is
-  simply done again.
+  renamed (``adpo.io``), so a kill -9 leaves either a finished shard or nothing that counts: an unfinished
+  shard is simply done again.
 * **Run manifest.** ``run.json`` records the config fingerprint and the plan; a resume with a config
   that would change the content is refused instead of mixing two datasets.
 * **Merge.** The finished shards, in shard order, become one ``datasets.Dataset`` saved with
@@ -21,14 +21,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 from datasets import Features, Image, Value
 
+from adpo.io import atomic_directory, atomic_file, write_json_atomic
 from adpo.prompts import prompts_for_image
 
 SHARD_DIR = "shards"
@@ -113,27 +112,6 @@ def plan_digest(source_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(source_ids).encode()).hexdigest()[:16]
 
 
-# --- atomic files ----------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-
-
 # --- manifest --------------------------------------------------------------------------------------
 
 
@@ -158,7 +136,7 @@ def check_or_write_manifest(output_dir: Path, manifest: dict, write: bool) -> No
             )
         return
     if write:
-        atomic_write_json(path, manifest)
+        write_json_atomic(path, manifest)
 
 
 # --- shards ----------------------------------------------------------------------------------------
@@ -181,15 +159,9 @@ def write_shard(output_dir: Path, shard_index: int, rows: list[dict], features: 
     marker.unlink(missing_ok=True)  # a stale record must never vouch for new data
     columns = {name: [row[name] for row in rows] for name in features}
     table = datasets.Dataset.from_dict(columns, features=features)
-    fd, tmp = tempfile.mkstemp(dir=data.parent, prefix=f".{data.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp)
-        os.replace(tmp, data)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic_write_json(marker, {**record, "shard_index": shard_index, "num_pairs": len(rows)})
+    with atomic_file(data) as temporary:
+        table.to_parquet(str(temporary))
+    write_json_atomic(marker, {**record, "shard_index": shard_index, "num_pairs": len(rows)})
 
 
 def read_shard_record(output_dir: Path, shard_index: int) -> dict:
@@ -197,10 +169,13 @@ def read_shard_record(output_dir: Path, shard_index: int) -> dict:
 
 
 def remove_stale_temporaries(output_dir: Path) -> int:
-    """Delete temp files a killed run left behind; returns how many."""
+    """Delete temp files a killed run left behind (shards, and the merge's ``adpo.io.atomic_directory``); returns how many."""
     count = 0
     for path in (output_dir / SHARD_DIR).glob(".*.tmp") if (output_dir / SHARD_DIR).is_dir() else ():
         path.unlink(missing_ok=True)
+        count += 1
+    for path in [*output_dir.glob(f".{DATASET_DIR}.staging-*"), *output_dir.glob(f".{DATASET_DIR}.old-*")]:
+        shutil.rmtree(path, ignore_errors=True)
         count += 1
     return count
 
@@ -224,17 +199,8 @@ def merge_shards(output_dir: Path, num_shards: int, features: Features, keep_unc
     if not keep_unchanged:
         merged = merged.filter(lambda differ: differ, input_columns="answers_differ", desc="dropping unchanged pairs")
     target = output_dir / DATASET_DIR
-    staging = output_dir / f".{DATASET_DIR}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_to_disk(str(staging))
-    if target.exists():
-        retired = output_dir / f".{DATASET_DIR}.old"
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    with atomic_directory(target) as staging:
+        merged.save_to_disk(str(staging))
     shutil.rmtree(cache_dir, ignore_errors=True)
     return datasets.load_from_disk(str(target))
 

@@ -1,8 +1,9 @@
+import os
 import stat
 
 import pytest
 
-from adpo.io import atomic_directory, write_json_atomic
+from adpo.io import atomic_directory, atomic_file, write_json_atomic
 
 
 def test_a_failed_write_leaves_the_previous_directory_intact(tmp_path):
@@ -27,3 +28,18 @@ def test_outputs_get_ordinary_permissions_and_overwrite_is_explicit(tmp_path):
             pass
     path = write_json_atomic(tmp_path / "r.json", {"a": 1})
     assert path.read_text().strip() == '{\n  "a": 1\n}'
+
+
+def test_atomic_file_gives_the_umask_mode_and_leaves_nothing_on_failure(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "shard.parquet") as temporary:
+            temporary.write_bytes(b"data")
+        assert stat.S_IMODE((tmp_path / "shard.parquet").stat().st_mode) == 0o644  # not mkstemp's 0600
+        with pytest.raises(RuntimeError):
+            with atomic_file(tmp_path / "other.parquet") as temporary:
+                temporary.write_bytes(b"half")
+                raise RuntimeError("killed")
+    finally:
+        os.umask(previous)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shard.parquet"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -275,3 +276,35 @@ def test_a_shard_of_only_unreadable_images_merges_cleanly(workspace, tmp_path):
     dataset = load_pairs(tmp_path / "out")
     assert list(dataset["source_id"]) == ["b_good.png"]
     assert [entry["source_id"] for entry in summary["skipped_images"]] == ["a_bad.png"]
+
+
+def test_odd_files_are_skipped_and_listed_and_every_output_gets_the_umask_mode(workspace, tmp_path):
+    from PIL import ExifTags
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / os.fsdecode(b"bad\xff.png")).write_bytes(_png(Image.new("RGB", (20, 20))))  # crashed the plan before
+    (images / "empty.png").write_bytes(b"")
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:, 16:] = 255
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 8  # shown turned 90 degrees counter-clockwise
+    Image.fromarray(stored).save(images / "rotated.jpg", exif=exif, quality=95)
+    previous = os.umask(0o022)
+    try:
+        summary = run(make_config(workspace, tmp_path / "out", source=str(images), prompts_per_image=1))
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    assert list(load_pairs(out)["source_id"]) == ["rotated.jpg"]
+    assert {entry["source_id"]: entry["reason"] for entry in summary["skipped_images"]} == {
+        "bad\\xff.png": "file name is not valid UTF-8", "empty.png": "empty file"}
+    assert summary["counts"]["images_skipped"] == 2 and summary["counts"]["images_used"] == 1
+    assert "| bad\\xff.png | file name is not valid UTF-8 |" in (out / "README.md").read_text()
+    # the stored clean image is the upright one: turned counter-clockwise, the white right half is on top
+    clean = np.asarray(load_pairs(out)[0]["image"], dtype=np.float32)
+    height = clean.shape[0]
+    assert clean[: height // 3].mean() > 200 and clean[-height // 3:].mean() < 55
+    written = [out / "README.md", out / "summary.json", out / "run.json", *(out / "shards").iterdir(),
+               *(path for path in (out / "dataset").rglob("*") if path.is_file())]
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {path.name: "0o644" for path in written}
