@@ -91,6 +91,32 @@ def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
     return encoder_dir
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that is complete (None: there is none): what
+    ``resume_from_checkpoint: last`` resumes from in every trainer.
+
+    transformers' ``get_last_checkpoint`` takes the highest N even when that save was cut short (killed, disk
+    full). Here a checkpoint is complete when it holds ``trainer_state.json`` (the Trainer writes it last) and no
+    empty file (the encoder in ``encoder/`` included); newer incomplete ones are skipped with a warning.
+    """
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return None
+    numbered = [(int(path.name.rsplit("-", 1)[1]), path) for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if path.is_dir() and path.name.rsplit("-", 1)[1].isdigit()]
+    for _, checkpoint in sorted(numbered, reverse=True):
+        empty = sorted(path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*")
+                       if path.is_file() and path.stat().st_size == 0)
+        if (checkpoint / TRAINER_STATE_NAME).is_file() and not empty:
+            return os.fspath(checkpoint)
+        why = f"empty file(s): {', '.join(empty[:3])}" if empty else f"no {TRAINER_STATE_NAME}"
+        logger.warning("not resuming from %s: incomplete checkpoint (%s); trying an older one", checkpoint, why)
+    return None
+
+
 def write_requested_exports(
     output_dir: str | os.PathLike,
     encoder: torch.nn.Module,

@@ -296,6 +296,10 @@ def test_bad_online_settings_are_refused_before_any_model_loads(tmp_path, image_
         main([*common, "--pair_source", "online", "--image_source", str(image_folder), "--adv_source", "stored"])
     with pytest.raises(ValueError, match="anchor_weight must be >= 0"):
         main([*common, "--pair_source", "online", "--image_source", str(image_folder), "--anchor_weight", "-1"])
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"images": [{"id": 3, "file_name": "../../etc/passwd.png"}]}))
+    with pytest.raises(ValueError, match="image id 3: image path '../../etc/passwd.png' leads outside"):
+        main([*common, "--pair_source", "online", "--image_source", str(coco)])
 
 
 @pytest.mark.distributed

@@ -307,3 +307,23 @@ def test_world_configs_train_worldclip(tmp_path, module, config_class):
     card = json.loads((tmp_path / "run" / "encoder" / "adpo_card.json").read_text())
     assert card["base_model"] == "world:clip" and card["optimizer_steps"] == 1
     assert CLIPVisionModel.from_pretrained(tmp_path / "run" / "encoder").config.image_size == 64
+
+
+def test_resume_last_skips_a_checkpoint_whose_save_was_cut_short(assets, tmp_path, caplog):
+    from trainers.encoder_trainer import train_and_save
+
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=3)
+    fare.build_trainer(_config(fare.FareConfig, assets, tmp_path / "run", "vision", "images32", **common)).train()
+    (tmp_path / "run" / "checkpoint-4" / "encoder" / "model.safetensors").write_bytes(b"")  # killed while saving
+
+    resumed = fare.build_trainer(
+        _config(fare.FareConfig, assets, tmp_path / "run", "vision", "images32", resume_from_checkpoint="last", **common)
+    )
+    chosen = []
+    train = resumed.train
+    resumed.train = lambda resume_from_checkpoint=None, **kwargs: chosen.append(resume_from_checkpoint) or train(
+        resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+    with caplog.at_level("WARNING", logger="adpo.runtime"):
+        train_and_save(resumed)
+    assert chosen == [str(tmp_path / "run" / "checkpoint-2")]
+    assert resumed.state.global_step == 4 and "checkpoint-4: incomplete checkpoint" in caplog.text

@@ -308,3 +308,19 @@ def test_odd_files_are_skipped_and_listed_and_every_output_gets_the_umask_mode(w
     written = [out / "README.md", out / "summary.json", out / "run.json", *(out / "shards").iterdir(),
                *(path for path in (out / "dataset").rglob("*") if path.is_file())]
     assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {path.name: "0o644" for path in written}
+
+
+def test_a_coco_file_name_outside_the_image_root_is_refused_before_the_model_loads(workspace, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the source was checked")
+
+    monkeypatch.setattr("pairs.generate._load_model", no_model)
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "outside.png")
+    coco = tmp_path / "images" / "captions.json"
+    coco.write_text(json.dumps({"images": [{"id": 5, "file_name": "../outside.png"}], "annotations": []}))
+    with pytest.raises(ValueError, match="image id 5: image path '../outside.png' leads outside"):
+        run(make_config(workspace, tmp_path / "out", source=str(coco)))
+    monkeypatch.undo()
+    summary = run(make_config(workspace, tmp_path / "out", source=str(coco), allow_outside_root=True, prompts_per_image=1))
+    assert summary["counts"]["images_used"] == 1

@@ -250,3 +250,46 @@ def test_save_lvlm_on_a_standalone_clip_is_refused_before_it_loads(tmp_path, mon
                            output_dir=str(tmp_path / "run"), use_cpu=True, save_lvlm=True)
     with pytest.raises(ValueError, match="save_lvlm: false"):
         fare.build_trainer(args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# resume_from_checkpoint: last
+# ----------------------------------------------------------------------------------------------------
+def _fake_checkpoint(output_dir: Path, step: int) -> Path:
+    checkpoint = output_dir / f"checkpoint-{step}"
+    (checkpoint / "encoder").mkdir(parents=True)
+    (checkpoint / "encoder" / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "encoder" / "config.json").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    return checkpoint
+
+
+@pytest.mark.parametrize("cut_short", ["empty weights", "no trainer state"])
+def test_last_checkpoint_is_the_newest_complete_one(tmp_path, caplog, cut_short):
+    older, newer = _fake_checkpoint(tmp_path, 9), _fake_checkpoint(tmp_path, 10)
+    assert adpo.runtime.last_complete_checkpoint(tmp_path) == str(newer)  # numeric order: 10 after 9
+    if cut_short == "empty weights":
+        (newer / "encoder" / "model.safetensors").write_bytes(b"")
+    else:
+        (newer / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="adpo.runtime"):
+        assert adpo.runtime.last_complete_checkpoint(tmp_path) == str(older)
+    assert "checkpoint-10: incomplete checkpoint" in caplog.text
+    assert ("encoder/model.safetensors" if cut_short == "empty weights" else "trainer_state.json") in caplog.text
+    (older / "trainer_state.json").unlink()
+    assert adpo.runtime.last_complete_checkpoint(tmp_path) is None
+    assert adpo.runtime.last_complete_checkpoint(tmp_path / "never-written") is None
+
+
+def test_adpo_resumes_last_from_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    import trainers.adpo
+
+    older, newer = _fake_checkpoint(tmp_path, 2), _fake_checkpoint(tmp_path, 4)
+    (newer / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    chosen = []
+    stub = SimpleNamespace(train=lambda resume_from_checkpoint: chosen.append(resume_from_checkpoint),
+                           save_model=lambda output_dir: None, accelerator=SimpleNamespace(is_main_process=False))
+    monkeypatch.setattr(trainers.adpo, "build_trainer", lambda args: stub)
+    trainers.adpo.main(["--model_name_or_path", "world:small", "--output_dir", str(tmp_path), "--resume_from_checkpoint",
+                        "last", "--report_to", "none", "--bf16", "false"])
+    assert chosen == [str(older)]

@@ -70,7 +70,6 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer, TrlParser
 from trl.trainer.utils import use_adapter
 
@@ -95,6 +94,7 @@ from adpo.runtime import (
     ENCODER_DIRNAME,
     checkpoint_encoder_dir,
     fit_precision_to_device,
+    last_complete_checkpoint,
     load_lvlm_for_tower_training,
     write_requested_exports,
 )
@@ -175,6 +175,11 @@ class AdPOConfig(DPOConfig):
         default=None, metadata={"help": "HF dataset: column with a question per image (for use_source_questions)."}
     )
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
+    allow_outside_root: bool = field(
+        default=False,
+        metadata={"help": "Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
+                  "dataset's path outside its folder, a folder's symlink out of it); refused by default."},
+    )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(
         default=False, metadata={"help": "Pad each image to a square in the processor's mean colour before its resize "
@@ -973,7 +978,7 @@ def open_online_images(args: AdPOConfig) -> Dataset:
     if args.question_column:
         hf_columns["question_column"] = args.question_column
     source = open_source(args.image_source, split=args.image_split, n=args.max_images, image_root=args.image_root,
-                         **hf_columns)
+                         allow_outside_root=args.allow_outside_root, **hf_columns)
     images = online_images(source, args.prompt_list(), seed=args.seed)
     if args.use_source_questions and not source[0].questions:
         raise ValueError(f"use_source_questions: {source.name} has no questions; set question_column (a HF dataset's "
@@ -1010,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(args)
     resume = args.resume_from_checkpoint
     if resume in ("auto", "last", "true", "True"):
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        resume = last_complete_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:

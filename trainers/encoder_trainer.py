@@ -48,7 +48,13 @@ from adpo.lvlm import (
 )
 from adpo.objectives import Objective
 from adpo.preprocess import image_processor_of, to_pixels
-from adpo.runtime import ENCODER_DIRNAME, checkpoint_encoder_dir, fit_precision_to_device, write_requested_exports
+from adpo.runtime import (
+    ENCODER_DIRNAME,
+    checkpoint_encoder_dir,
+    fit_precision_to_device,
+    last_complete_checkpoint,
+    write_requested_exports,
+)
 from adpo.sources import ImageRecord, ImageSource, open_source
 from adpo.threat import ThreatModel, parse_eps
 
@@ -493,7 +499,7 @@ def _plain(value: Any) -> Any:
 
 
 def resume_argument(value: str | None) -> str | bool | None:
-    """``resume_from_checkpoint``: a checkpoint directory, or 'true'/'last' for the newest in output_dir."""
+    """``resume_from_checkpoint``: a checkpoint directory, or 'true'/'last' for the newest complete one in output_dir."""
     if value is None or str(value).lower() in ("", "false", "no", "none"):
         return None
     if str(value).lower() in ("true", "yes", "last"):
@@ -505,10 +511,7 @@ def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
     """Train (resuming when asked) and write the final encoder into ``<output_dir>/encoder``; returns that directory."""
     resume = resume_argument(trainer.args.resume_from_checkpoint)
     if resume is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        output_dir = trainer.args.output_dir
-        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        resume = last_complete_checkpoint(trainer.args.output_dir)
         if resume is None:
             logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
