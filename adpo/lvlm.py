@@ -612,6 +612,21 @@ def encoder_location(path: str | os.PathLike) -> str:
     return os.fspath(path)
 
 
+def check_weight_files(directory: str | os.PathLike) -> None:
+    """Refuse a local model directory whose ``*.safetensors`` file is truncated or garbage, with one line naming the
+    file and how to re-create it (from_pretrained fails on one deep inside safetensors, naming no file).
+    Reads only each file's header; a hub id (no such directory) is left to from_pretrained."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file} is corrupt or truncated ({str(error).splitlines()[0]}); re-create it by re-running "
+                             "the training or export that wrote it, or download it again") from None
+
+
 def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CLIPVisionModel:
     """Load an encoder saved in the interchange format (or any CLIPVisionModel directory / hub id, or a trainer's
     run directory holding one in ``encoder/``).
@@ -620,6 +635,7 @@ def load_encoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     them randomly and only log it), so a broken encoder can never be grafted or evaluated silently.
     """
     path = encoder_location(path)
+    check_weight_files(path)
     encoder, info = CLIPVisionModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.endswith("position_ids")]

@@ -176,6 +176,20 @@ def test_an_encoder_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
         load_encoder(out)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_corrupt_encoder_file_is_named_with_how_to_recreate_it(tiny, tmp_path, damage):
+    model, processor = tiny
+    out = save_encoder(export_encoder(model), tmp_path / "encoder", processor)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file" * 10)
+    for load in (lambda: load_encoder(out), lambda: put_encoder(model, out)):
+        with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated") as refused:
+            load()
+        message = str(refused.value)
+        assert "\n" not in message and str(weights) in message and "re-running the training or export" in message
+
+
 def test_a_training_run_directory_stands_for_its_encoder(tiny, tmp_path):
     from adpo.lvlm import encoder_location
 
