@@ -335,7 +335,7 @@ def test_the_world_study_reuses_its_validation_phase_trainings(tmp_path):
         for name, stage in stages[phase].items():
             if name.startswith("train-") and name in stages["world_study_val"]:
                 assert stage.settings == stages["world_study_val"][name].settings, (phase, name)
-    for name in ("eval-small-original", "eval-small-fare", "eval-small-adpo"):
+    for name in ("eval-small-original", "eval-small-adpo"):
         assert stages["world_study_anchor_val"][name].settings == stages["world_study_val"][name].settings
     adpo = stages["world_study"]["train-adpo"].settings
     fare = stages["world_study"]["train-fare"].settings
