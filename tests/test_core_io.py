@@ -43,3 +43,19 @@ def test_atomic_file_gives_the_umask_mode_and_leaves_nothing_on_failure(tmp_path
     finally:
         os.umask(previous)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shard.parquet"]
+
+
+def test_eval_plots_and_converted_encoders_follow_the_umask_too(tmp_path):
+    import torch
+
+    from adpo.eval.plots import Curve, plot_metric_vs_eps
+    from transfer.openclip import save_state_dict_file
+
+    previous = os.umask(0o027)
+    try:
+        written = [save_state_dict_file({"w": torch.zeros(2)}, tmp_path / "enc.safetensors"),
+                   plot_metric_vs_eps([Curve("m", [0, 2], [0.9, 0.5])], tmp_path / "plot.png", "accuracy")]
+    finally:
+        os.umask(previous)
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+        "enc.safetensors": "0o640", "plot.png": "0o640"}

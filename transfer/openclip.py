@@ -16,13 +16,14 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from adpo.io import atomic_file
 
 # OpenAI CLIP ViTs use 64-dimensional attention heads; open_clip keeps that convention for its ViTs.
 CONVENTIONAL_HEAD_WIDTH = 64
@@ -101,17 +102,9 @@ def _unwrap_state_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
 
 def save_state_dict_file(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write ``state`` as safetensors atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({key: value.detach().contiguous() for key, value in state.items()}, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as temporary:
+        save_file({key: value.detach().contiguous() for key, value in state.items()}, str(temporary))
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------- key mapping

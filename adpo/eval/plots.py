@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from adpo.io import atomic_file  # noqa: E402
 
 
 @dataclass
@@ -39,19 +40,12 @@ class ExamplePanel:
 
 def _save(fig, path: str | os.PathLike) -> Path:
     """Atomic PNG write: render to a temporary file beside the target, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; reports are meant to be shared
-        os.replace(tmp, path)
+        with atomic_file(path) as temporary:
+            fig.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def plot_metric_vs_eps(curves: Sequence[Curve], path: str | os.PathLike, metric_label: str, title: str = "") -> Path:

@@ -38,9 +38,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from adpo.io import write_text_atomic
 
 REPORT_FORMAT = "adpo-eval-report"
 REPORT_VERSION = 1
@@ -73,22 +74,6 @@ def format_metric(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value * DISPLAY_SCALE:.1f}"
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; reports are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 # -- Sanity checks --------------------------------------------------------------------------------------
@@ -283,8 +268,8 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
             for ex in report["examples"]
         ]
         paths["examples"] = plot_examples(panels, out_dir / PLOT_EXAMPLES)
-    paths["json"] = atomic_write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False))
-    paths["markdown"] = atomic_write_text(out_dir / REPORT_MARKDOWN, render_markdown(report))
+    paths["json"] = write_text_atomic(out_dir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False))
+    paths["markdown"] = write_text_atomic(out_dir / REPORT_MARKDOWN, render_markdown(report))
     return paths
 
 
@@ -473,6 +458,6 @@ def compare_reports(
     }
     return {
         "plot": plot_metric_vs_eps([_curve(r, metric) for r in reports], out_dir / f"compare_{PLOT_METRIC_VS_EPS}", METRIC_LABELS.get(metric, metric), title=task),
-        "markdown": atomic_write_text(out_dir / "compare.md", "\n".join(lines)),
-        "json": atomic_write_text(out_dir / "compare.json", json.dumps(summary, indent=2, ensure_ascii=False)),
+        "markdown": write_text_atomic(out_dir / "compare.md", "\n".join(lines)),
+        "json": write_text_atomic(out_dir / "compare.json", json.dumps(summary, indent=2, ensure_ascii=False)),
     }
