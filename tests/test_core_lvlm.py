@@ -160,8 +160,19 @@ def test_generation_matches_greedy_scores(tiny):
     model, processor = tiny
     view = LlavaView(model, processor)
     x = random_pixels(2, seed=5)
-    answers = view.generate(x, ["what is in the image ?"] * 2, max_new_tokens=3)
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    questions = ["what is in the image ?"] * 2
+    answers = view.generate(x, questions, max_new_tokens=3)
+    # Teacher-forced on its own answer, the model's argmax at each answer position is the generated token.
+    encoded = view.encode(questions, answers)
+    with torch.no_grad():
+        logits = model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask,
+                       pixel_values=view.tower.normalize(x)).logits
+    predicted, targets = logits[:, :-1].argmax(dim=-1), encoded.labels[:, 1:]
+    for row in range(len(answers)):
+        # the answer's tokens; the end-of-turn label after a length-capped answer was never generated
+        positions = (targets[row] != -100).nonzero().flatten()[:-1]
+        assert positions.numel() > 0, f"empty answer {answers[row]!r}"
+        assert torch.equal(predicted[row, positions], targets[row, positions]), answers[row]
 
 
 def test_an_encoder_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
