@@ -27,5 +27,5 @@ def test_small_world_encoder_into_large_world_lvlm_keeps_clean_vqa():
         assert outcome.hashes_before == outcome.hashes_after
         assert result["answer_agreement_exact"] == 1.0
         assert result["vqa_accuracy_grafted"] == result["vqa_accuracy_original"]
-    else:
-        assert result["vqa_accuracy_grafted"] is not None
+    else:  # another encoder of the same geometry: clean VQA may move by at most 2 of the 16 questions
+        assert result["vqa_accuracy_grafted"] >= result["vqa_accuracy_original"] - 2 / 16

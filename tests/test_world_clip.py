@@ -185,7 +185,14 @@ def test_shipped_weights_load():
     model, processor = load_world_clip()
     assert next(model.parameters()).dtype == torch.float32 and not model.training
     assert model.config.vision_config.image_size == 64
-    assert zero_shot_classifier(model, processor).shape == (len(CLASS_NAMES), model.config.projection_dim)
+    classifier = zero_shot_classifier(model, processor)
+    assert classifier.shape == (len(CLASS_NAMES), model.config.projection_dim)
+    assert torch.allclose(classifier.norm(dim=1), torch.ones(len(CLASS_NAMES)), atol=1e-5)
+    # row c is class c's prompt, and no two classes' prompts collapse onto one direction
+    last = len(CLASS_NAMES) - 1
+    assert torch.allclose(zero_shot_classifier(model, processor, [CLASS_NAMES[last]])[0], classifier[last], atol=1e-5)
+    similarity = classifier @ classifier.T - 2 * torch.eye(len(CLASS_NAMES))
+    assert similarity.max() < 0.99
     size_mb = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir()) / 2**20
     assert size_mb < 20
 
