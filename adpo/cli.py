@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module with main(argv), one-line help)
@@ -33,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Start with: adpo run --config configs/quickstart.yaml   (offline, on the bundled world)",
     )
     parser.add_argument("--version", action="version", version=f"adpo {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a config error instead of its one line (same as ADPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>")
     for name, (_, help_text) in STAGES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -47,6 +50,11 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        from adpo.errors import DEBUG_ENV
+
+        os.environ[DEBUG_ENV] = "1"  # read by run_as_process when the stage fails
+        argv = argv[1:]
     parser = _parser()
     if not argv or argv[0] not in STAGES:
         parser.parse_args(argv or ["--help"])  # prints help / version / the unknown-stage error and exits

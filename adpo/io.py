@@ -96,3 +96,24 @@ def write_json_atomic(path: str | os.PathLike, content: Any) -> Path:
 
 def write_yaml_atomic(path: str | os.PathLike, content: Any) -> Path:
     return write_text_atomic(path, yaml.safe_dump(content, sort_keys=False))
+
+
+def check_writable(path: str | os.PathLike, key: str) -> None:
+    """Raise :class:`adpo.errors.UsageError` naming ``key`` unless ``path`` can be written: by trying to create a
+    temporary file in it, or in its nearest existing parent when it does not exist yet (which is where it would be
+    created). Run before any model loads, so a read-only or misplaced output fails in a second, not after training."""
+    from adpo.errors import UsageError
+
+    target = Path(path).expanduser()
+    parent = target
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{key}={os.fspath(path)!r} cannot be created: {parent} is a file, not a directory; "
+                         "choose another location")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise UsageError(f"{key}={os.fspath(path)!r} is not writable ({error.strerror or error} in {parent}); choose "
+                         "a writable location or fix its permissions") from None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from adpo.errors import UsageError
+
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     # the paper's single question
     "paper": ("What is in the image?",),
@@ -30,24 +32,25 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
 
 
 def resolve_prompts(prompt_set: str, prompts: list[str] | None, prompts_file: str | None) -> list[str]:
-    """The prompt list a run samples from: explicit ``prompts``, else ``prompts_file``, else a named set."""
+    """The prompt list a run samples from: explicit ``prompts``, else ``prompts_file``, else a named set (a bad
+    one raises :class:`adpo.errors.UsageError`)."""
     if prompts:
         chosen = list(prompts)
     elif prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
-            raise ValueError(f"prompts_file {prompts_file!r} does not exist; give a text file with one prompt per line")
+            raise UsageError(f"prompts_file {prompts_file!r} does not exist; give a text file with one prompt per line")
         chosen = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not chosen:
-            raise ValueError(f"prompts_file {prompts_file!r} holds no prompt; write one prompt per line")
+            raise UsageError(f"prompts_file {prompts_file!r} holds no prompt; write one prompt per line")
     else:
         if prompt_set not in PROMPT_SETS:
-            raise ValueError(f"prompt_set {prompt_set!r} is unknown; use one of {sorted(PROMPT_SETS)} or set `prompts`")
+            raise UsageError(f"prompt_set {prompt_set!r} is unknown; use one of {sorted(PROMPT_SETS)} or set `prompts`")
         chosen = list(PROMPT_SETS[prompt_set])
     if len(set(chosen)) != len(chosen):
-        raise ValueError("the prompt list holds duplicates; each prompt must appear once")
+        raise UsageError("the prompt list holds duplicates; each prompt must appear once")
     if any(not p.strip() for p in chosen):
-        raise ValueError("the prompt list holds an empty prompt")
+        raise UsageError("the prompt list holds an empty prompt")
     return chosen
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,6 +60,32 @@ def fit_precision_to_device(args: Any, dtype_fields: Sequence[str]) -> None:
                            "set use_cpu: true yourself to keep the config's precision on CPU", ", ".join(changed))
     if not args.use_cpu and needs_cpu_process_group():
         args.use_cpu = True
+
+
+def check_training_arguments(args: Any, model_key: str = "model_name_or_path") -> None:
+    """The checks every trainer's config runs before ``TrainingArguments.__post_init__`` and before any model loads:
+    a :class:`adpo.errors.UsageError` naming the key, the value and the fix.
+
+    ``max_steps`` must be -1 (train ``num_train_epochs``) or >= 1 (transformers reads any other value as "use the
+    epochs" without a word); batch sizes and accumulation >= 1; a model named by a path must exist; the output
+    directory must be writable (tried, see :func:`adpo.io.check_writable`).
+    """
+    from adpo.errors import UsageError
+    from adpo.io import check_writable
+
+    if args.max_steps != -1 and args.max_steps < 1:
+        raise UsageError(f"max_steps={args.max_steps}; use -1 to train num_train_epochs, or a number of steps >= 1")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise UsageError(f"num_train_epochs={args.num_train_epochs}; must be > 0 (or set max_steps >= 1)")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise UsageError(f"{key}={getattr(args, key)}; must be >= 1")
+    model = getattr(args, model_key) or ""
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        raise UsageError(f"{model_key}={model!r} looks like a path but does not exist; pass an existing model "
+                         "directory, a hub id or a world model")
+    if args.output_dir:
+        check_writable(args.output_dir, "output_dir")
 
 
 def load_lvlm_for_tower_training(name_or_path: str, dtype: str | torch.dtype | None, keep_tower_dtype: bool = False):
@@ -154,12 +181,27 @@ def write_requested_exports(
 def run_as_process(main) -> int:
     """Run a command's ``main()`` as the whole process: return its exit code after leaving the process group.
 
+    An error the user can act on (:func:`adpo.errors.error_line`: a :class:`adpo.errors.UsageError`, a full disk, a
+    permission refused) is printed as one line, ``adpo: error: ...``, with exit code 2 for a usage error and 1 for
+    the others; ``ADPO_DEBUG=1`` keeps the traceback. Any other exception is a bug and keeps its traceback.
+
     A launched (multi-process) run that exits with its gloo/NCCL group still up can abort in the backend's
     teardown after all work is saved (seen as SIGABRT on CPU runs). Only process entry points call this:
     ``adpo run`` calls the stages' ``main`` in-process, and they must keep the group for the next stage.
     """
-    code = main()
+    from adpo.errors import UsageError, debugging, error_line
+
+    failed = False
+    try:
+        code = main()
+    except (UsageError, OSError) as error:
+        line = error_line(error)
+        if line is None or debugging():
+            raise
+        print(f"adpo: error: {line}", file=sys.stderr)
+        code, failed = 2 if isinstance(error, UsageError) else 1, True
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank leaves while another still talks to it
+        if not failed:  # a rank that failed alone would wait for the others forever
+            torch.distributed.barrier()  # no rank leaves while another still talks to it
         torch.distributed.destroy_process_group()
     return int(code or 0)

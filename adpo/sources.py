@@ -8,6 +8,7 @@ report. Files a folder source cannot list (empty, or named in bytes that are not
 when it opens, with a warning, and kept in ``source.skipped``. Image paths a source reads from its data
 (COCO ``file_name``, a saved dataset's path-only rows, a folder's symlinks) must stay inside the source's
 root: one that leads outside is refused when the source opens, unless ``allow_outside_root``.
+:func:`check_source` refuses, before any model loads, a spec no source could open.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -320,6 +322,69 @@ def open_source(
     else:
         source = HFDatasetSource(spec, split=split, **hf_columns)
     return source if n is None else Truncated(source, n)
+
+
+# Hub dataset ids are "name" or "owner/name"; any other spec that is not the world names a local path.
+HUB_ID = re.compile(r"\w[\w.-]*(/[\w.-]+)?")
+
+
+def check_source(spec: str, key: str, split: str | None = None, columns: dict[str, str | None] | None = None,
+                 split_key: str = "split") -> None:
+    """Raise :class:`adpo.errors.UsageError` naming ``key`` when ``spec`` cannot be what a stage reads, checked
+    cheaply (no model, no download): a local path that does not exist, a hub id while the hub is offline and the id
+    is not in the cache (a relative path that is not there looks like one), and for a saved HF dataset a missing
+    ``split`` or a column it lacks (``columns``: config key -> column name; None: not used)."""
+    from adpo.errors import UsageError
+
+    if spec == "world" or spec.startswith("world:"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if not HUB_ID.fullmatch(spec) or spec.endswith(".json"):
+            raise UsageError(f"{key}={spec!r} does not exist; pass an existing path, a hub dataset id or 'world'")
+        if _hub_offline() and not _hub_cached(spec):
+            raise UsageError(f"{key}={spec!r} is no local path, and the hub is offline (HF_HUB_OFFLINE / "
+                             "HF_DATASETS_OFFLINE) with no cached copy of such a dataset; give an existing path")
+        return
+    available = saved_dataset_columns(path, split, key, split_key)
+    if available is None:
+        return
+    missing = {name: column for name, column in (columns or {}).items() if column is not None and column not in available}
+    if missing:
+        named = ", ".join(f"{name}={column!r}" for name, column in missing.items())
+        raise UsageError(f"{key}={spec!r} has no column for {named}; its columns are {available}: set "
+                         f"{'/'.join(missing)} to one of them")
+
+
+def saved_dataset_columns(path: Path, split: str | None, key: str = "path", split_key: str = "split") -> list[str] | None:
+    """The column names of a ``save_to_disk`` dataset directory (its ``split`` for a DatasetDict, else a
+    UsageError naming ``key`` and ``split_key``), read from its metadata; None when ``path`` is no saved dataset."""
+    from adpo.errors import UsageError
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        if split not in splits:
+            raise UsageError(f"{key}={os.fspath(path)!r} has splits {splits}, not {split!r}; set {split_key} to one of them")
+        path = path / split
+    info = path / "dataset_info.json"
+    if not info.is_file():
+        return None
+    features = json.loads(info.read_text(encoding="utf-8")).get("features") or {}
+    return list(features)
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub dataset ``repo_id`` has a copy in the hub cache or the datasets cache (usable offline)."""
+    from datasets import config as datasets_config
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (Path(HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}").exists() or \
+        (Path(datasets_config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")).exists()
 
 
 class Truncated(ImageSource):

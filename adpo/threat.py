@@ -24,9 +24,20 @@ NORMS: tuple[str, ...] = ("linf", "l2")
 _TOLERANCE = 1e-6
 
 
+# The one way every config writes a radius or a step size (adpo pairs, the trainers, adpo eval, adpo transfer).
+EPS_SYNTAX = "a fraction like 2/255, a number below 1 like 0.0078, or a whole number of 255ths like 2"
+
+
 def parse_eps(value: float | int | str) -> float:
-    """Accept ε as a float (``0.0078``), a fraction string (``"2/255"``), an integer of 255ths (``2``) or
-    ``"world"``: the bundled world's working ε (measured, in ``adpo/world/world.yaml``)."""
+    """ε (or a step size) in [0,1] pixel units, written as a fraction (``"2/255"``), a number below 1 (``0.0078``), a
+    whole number of 255ths (``2``) or ``"world"``: the bundled world's working ε (measured, in
+    ``adpo/world/world.yaml``).
+
+    A number ≥ 1 that is not whole (``1.5``) is refused: it is neither pixels nor 255ths. Raises ValueError for
+    anything that is not one of these forms; :func:`parse_radius` adds the range check a config needs.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a radius; write {EPS_SYNTAX}")
     if isinstance(value, str):
         text = value.strip()
         if text.lower() == "world":
@@ -34,12 +45,43 @@ def parse_eps(value: float | int | str) -> float:
 
             return float(world_config()["working_eps"])
         if "/" in text:
-            numerator, denominator = text.split("/", 1)
-            return float(numerator) / float(denominator)
-        value = float(text)
+            numerator, _, denominator = text.partition("/")
+            top, bottom = _number(numerator, value), _number(denominator, value)
+            if bottom == 0 or not math.isfinite(top / bottom):
+                raise ValueError(f"{value!r} is not a finite fraction; write {EPS_SYNTAX}")
+            return top / bottom
+        value = _number(text, value)
     value = float(value)
-    # Integers ≥ 1 are read as 255ths: nobody attacks with ε ≥ 1 in [0,1] pixel space.
-    return value / 255.0 if value >= 1.0 else value
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number; write {EPS_SYNTAX}")
+    if value < 1.0:
+        return value
+    # Whole numbers ≥ 1 are 255ths: nobody attacks with ε ≥ 1 in [0,1] pixel space.
+    if not value.is_integer():
+        raise ValueError(f"{value:g} is neither below 1 (pixels) nor a whole number of 255ths; write {EPS_SYNTAX}")
+    return value / 255.0
+
+
+def _number(text: str, value: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number; write {EPS_SYNTAX}") from None
+
+
+def parse_radius(value: float | int | str, key: str, norm: str = "linf") -> float:
+    """``value`` by :func:`parse_eps`, checked as a config's radius or step size: > 0, and ≤ 1 for the ℓ∞ norm (a
+    larger ℓ∞ ball holds every image). Raises :class:`adpo.errors.UsageError` naming ``key``, the value and the fix."""
+    from adpo.errors import UsageError
+
+    try:
+        radius = parse_eps(value)
+    except ValueError as error:
+        raise UsageError(f"{key}={error}") from None  # each message of parse_eps starts with the value
+    if radius <= 0 or (norm == "linf" and radius > 1):
+        bound = "(0, 1]" if norm == "linf" else "> 0"
+        raise UsageError(f"{key}={value!r} is {radius:.4g}, outside {bound} in [0,1] pixel units; write {EPS_SYNTAX}")
+    return radius
 
 
 def check_images(x: torch.Tensor, name: str = "images") -> None:

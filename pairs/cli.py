@@ -7,7 +7,8 @@ Also runnable with several processes, each taking every n-th shard::
 
 (``accelerate launch --cpu`` starts a single process in accelerate 1.x; use torchrun for several CPU processes.)
 
-Command-line keys override the YAML. Running the same command again resumes a killed run.
+Command-line keys override the YAML. Running the same command again resumes a killed run. A bad key or
+value raises :class:`adpo.errors.UsageError` before any model loads (one line and exit code 2 as a process).
 """
 
 from __future__ import annotations
@@ -15,25 +16,19 @@ from __future__ import annotations
 import json
 import sys
 
+from adpo.errors import parse_config as parse_stage_config
 from pairs.config import PairsConfig
 
 
 def parse_config(argv: list[str] | None) -> PairsConfig:
-    from trl import TrlParser
-
-    parser = TrlParser(dataclass_types=[PairsConfig], prog="adpo pairs", description=__doc__.splitlines()[0])
-    (config,) = parser.parse_args_and_config(args=argv)
+    (config,) = parse_stage_config([PairsConfig], argv, prog="adpo pairs", description=__doc__.splitlines()[0])
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        config = parse_config(argv)
-        config.validate()
-    except ValueError as error:
-        print(f"adpo pairs: config error: {error}", file=sys.stderr)
-        return 2
+    config = parse_config(argv)
+    config.validate()
 
     from accelerate import PartialState
 

@@ -1,7 +1,7 @@
 """The configuration of a pair-generation run, loadable from YAML (``--config``) and the command line.
 
 Everything is checked in :meth:`PairsConfig.validate` before any model is loaded, so a typo fails in
-a second instead of after minutes of model loading.
+a second instead of after minutes of model loading; a bad value raises :class:`adpo.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adpo.threat import parse_eps
+from adpo.errors import UsageError
+from adpo.io import check_writable
 from adpo.prompts import resolve_prompts
+from adpo.sources import check_source
+from adpo.threat import EPS_SYNTAX, parse_eps, parse_radius
 
 NORMS = ("linf", "l2")
 EMBEDDINGS = ("pooled", "llm")
@@ -24,14 +27,6 @@ NON_CONTENT_FIELDS = frozenset(
     {"output_dir", "push_to_hub", "hub_repo_id", "hub_private", "progress", "device_map", "keep_unchanged",
      "allow_outside_root"}
 )
-
-
-def _radius(value: str, key: str) -> float:
-    """ε or a step size in [0,1] pixels; accepts 0.0078, "2/255", or a whole number of 255ths (adpo.threat.parse_eps)."""
-    try:
-        return parse_eps(value)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"{key}={value!r} is not a number; write e.g. 0.0078, 2/255 or 2 (meaning 2/255)") from None
 
 
 @dataclass
@@ -76,16 +71,16 @@ class PairsConfig:
     norm: str = field(default="linf", metadata={"help": "Threat-model norm: linf or l2."})
     eps: str | None = field(
         default=None,
-        metadata={"help": "Radius in [0,1] pixels: 0.0078, '2/255', or 2 (whole numbers are 255ths). Default: the world's working eps for "
-                          "'world:' models, else 2/255 (the paper)."},
+        metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}. Default: the world's working eps for 'world:' models, "
+                          "else 2/255 (the paper)."},
     )
     embedding: str = field(
         default="pooled",
         metadata={"help": "Tower output the FARE objective compares: 'pooled' (CLS embedding, as FARE) or 'llm' "
                           "(the patch features the LLM consumes)."},
     )
-    steps: int = field(default=10, metadata={"help": "PGD steps."})
-    step_size: str | None = field(default=None, metadata={"help": "PGD step size (number or fraction); default: ThreatModel's."})
+    steps: int = field(default=10, metadata={"help": "PGD steps (>= 1)."})
+    step_size: str | None = field(default=None, metadata={"help": "PGD step size (same syntax as eps); default: ThreatModel's (eps/4)."})
     random_start: bool = field(default=True, metadata={"help": "Start PGD from a random point in the ball."})
     seed: int = field(default=0, metadata={"help": "Seeds prompt choice and PGD random starts."})
 
@@ -110,55 +105,51 @@ class PairsConfig:
     progress: bool = field(default=True, metadata={"help": "Show a tqdm bar (pairs/s) on the main process."})
 
     def validate(self) -> None:
-        """Check every key; raise ValueError naming the key and the fix. Touches no model."""
+        """Check every key; raise UsageError naming the key, the value and the fix. Touches no model."""
         if not self.model_name_or_path:
-            raise ValueError("model_name_or_path is required (a hub id, a local directory or 'world:small')")
+            raise UsageError("model_name_or_path is required (a hub id, a local directory or 'world:small')")
         if self.model_name_or_path.startswith((".", "/", "~")) and not Path(self.model_name_or_path).expanduser().is_dir():
-            raise ValueError(f"model_name_or_path {self.model_name_or_path!r} looks like a path but is not a directory")
+            raise UsageError(f"model_name_or_path {self.model_name_or_path!r} looks like a path but is not a directory")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; use one of {DTYPES}")
+            raise UsageError(f"dtype={self.dtype!r}; use one of {DTYPES}")
         if not self.output_dir:
-            raise ValueError("output_dir is required")
+            raise UsageError("output_dir is required")
+        check_writable(self.output_dir, "output_dir")
 
         if not self.resolved_source():
-            raise ValueError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
-        source = self.resolved_source()
-        looks_local = source.startswith((".", "/", "~")) or source.endswith(".json")
-        if looks_local and not Path(source).expanduser().exists():
-            raise ValueError(f"source {source!r} does not exist; pass an image folder, a saved HF dataset, a COCO .json, "
-                             "a hub dataset id or 'world'")
+            raise UsageError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
+        check_source(self.resolved_source(), "source", self.source_split, split_key="source_split",
+                     columns={"image_column": self.image_column, "id_column": self.id_column})
         if self.image_root and not Path(self.image_root).expanduser().is_dir():
-            raise ValueError(f"image_root {self.image_root!r} is not a directory")
+            raise UsageError(f"image_root {self.image_root!r} is not a directory")
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"max_images={self.max_images}; must be >= 1 or unset")
+            raise UsageError(f"max_images={self.max_images}; must be >= 1 or unset")
 
         prompts = self.prompt_list()
         if self.prompts_per_image < 1 or self.prompts_per_image > len(prompts):
-            raise ValueError(f"prompts_per_image={self.prompts_per_image}; must be in 1..{len(prompts)} (prompts available)")
+            raise UsageError(f"prompts_per_image={self.prompts_per_image}; must be in 1..{len(prompts)} (prompts available)")
 
         if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}; use one of {NORMS}")
+            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
         if self.eps is not None:
-            eps = _radius(self.eps, "eps")
-            if not 0 < eps <= 1:
-                raise ValueError(f"eps={self.eps!r} is outside (0, 1]; eps is in [0,1] pixel units, e.g. 2/255")
+            parse_radius(self.eps, "eps", self.norm)
         if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding={self.embedding!r}; use one of {EMBEDDINGS}")
-        if self.steps < 0:
-            raise ValueError(f"steps={self.steps}; must be >= 0")
-        if self.step_size is not None and _radius(self.step_size, "step_size") <= 0:
-            raise ValueError(f"step_size={self.step_size!r}; must be > 0")
+            raise UsageError(f"embedding={self.embedding!r}; use one of {EMBEDDINGS}")
+        if self.steps < 1:
+            raise UsageError(f"steps={self.steps}; must be >= 1")
+        if self.step_size is not None:
+            parse_radius(self.step_size, "step_size", self.norm)
 
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}; must be >= 1")
+            raise UsageError(f"max_new_tokens={self.max_new_tokens}; must be >= 1")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams={self.num_beams}; must be >= 1")
+            raise UsageError(f"num_beams={self.num_beams}; must be >= 1")
         if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError("do_sample needs temperature > 0 and 0 < top_p <= 1")
+            raise UsageError(f"do_sample needs temperature > 0 and 0 < top_p <= 1, got {self.temperature} and {self.top_p}")
         if self.batch_size < 1 or self.images_per_shard < 1:
-            raise ValueError("batch_size and images_per_shard must be >= 1")
+            raise UsageError(f"batch_size={self.batch_size} and images_per_shard={self.images_per_shard} must be >= 1")
         if self.push_to_hub and not self.hub_repo_id:
-            raise ValueError("push_to_hub needs hub_repo_id (e.g. 'me/adpo-pairs')")
+            raise UsageError("push_to_hub needs hub_repo_id (e.g. 'me/adpo-pairs')")
 
     def resolved_source(self) -> str:
         """The source spec; world models default to the world's images."""
@@ -172,13 +163,13 @@ class PairsConfig:
     def eps_value(self) -> float:
         """ε in [0,1] pixels: the configured one, else the world's working ε for world models, else 2/255."""
         if self.eps is not None:
-            return _radius(self.eps, "eps")
+            return parse_radius(self.eps, "eps", self.norm)
         if self.model_name_or_path.startswith("world:"):
             return parse_eps("world")
         return 2 / 255
 
     def step_size_value(self) -> float | None:
-        return None if self.step_size is None else _radius(self.step_size, "step_size")
+        return None if self.step_size is None else parse_radius(self.step_size, "step_size", self.norm)
 
     def decoding(self) -> dict:
         """generate() keyword arguments; stored with every pair."""

@@ -332,7 +332,7 @@ def parse_adpo_config(name: str, *overrides: str) -> AdPOConfig:
 
 
 def test_the_paper_config_is_the_papers_recipe_and_the_others_say_what_they_are(tmp_path, image_folder):
-    with pytest.raises(ValueError, match="image_source 'data/imagenet/train' does not exist"):
+    with pytest.raises(ValueError, match="image_source='data/imagenet/train' does not exist"):
         parse_adpo_config("paper.yaml")  # before any model loads: the folder must be there
     paper = parse_adpo_config("paper.yaml", "--image_source", str(image_folder), "--output_dir", str(tmp_path))
     assert (paper.pair_source, paper.adv_source, paper.prompt_list()) == ("online", "online", ["What is in the image?"])
@@ -342,7 +342,9 @@ def test_the_paper_config_is_the_papers_recipe_and_the_others_say_what_they_are(
     assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps == 128
     assert not paper.do_sample and paper.identical_pairs == "keep"
 
-    stored = parse_adpo_config("llava15_stored_pairs.yaml", "--output_dir", str(tmp_path))
+    with pytest.raises(ValueError, match="dataset_path='runs/pairs/llava15_paper' does not exist"):
+        parse_adpo_config("llava15_stored_pairs.yaml", "--output_dir", str(tmp_path))  # `adpo pairs` writes it first
+    stored = parse_adpo_config("llava15_stored_pairs.yaml", "--output_dir", str(tmp_path), "--dataset_path", str(tmp_path))
     assert (stored.pair_source, stored.adv_source, stored.model_name_or_path) == ("stored", "stored", "llava-hf/llava-1.5-7b-hf")
     world = parse_adpo_config("world.yaml", "--output_dir", str(tmp_path), "--num_train_epochs", "4", "--save_steps", "1000")
     assert (world.pair_source, world.image_source, world.max_images) == ("online", "world", 512)

@@ -93,8 +93,10 @@ def test_config_error_fails_before_any_model_loads(tmp_path, monkeypatch, capsys
         raise AssertionError("a model was loaded despite a config error")
 
     monkeypatch.setattr(adpo.lvlm, "load_lvlm", forbidden)
-    code = main(["--model_name_or_path", "m", "--source", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--norm", "l3"])
-    assert code == 2
+    from adpo.runtime import run_as_process
+
+    argv = ["--model_name_or_path", "m", "--source", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--norm", "l3"]
+    assert run_as_process(lambda: main(argv)) == 2
     assert "norm='l3'" in capsys.readouterr().err
 
 

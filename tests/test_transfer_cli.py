@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
+from adpo.errors import UsageError
 from adpo.lvlm import export_encoder, find_vision_tower, load_encoder, save_encoder
 from adpo.preprocess import to_uint8_images
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
@@ -55,7 +57,8 @@ def test_cli_grafts_verifies_and_writes_a_loadable_directory(tmp_path):
     LlavaForConditionalGeneration.from_pretrained(out)
     AutoProcessor.from_pretrained(out)
     # a second run into the same directory is refused without --overwrite
-    assert main(argv) == 1
+    with pytest.raises(UsageError, match="already exists; pass --overwrite"):
+        main(argv)
 
 
 def test_cli_interpolated_graft_compares_pooled_embeddings_at_each_resolution(tmp_path):
@@ -100,7 +103,8 @@ def test_convert_round_trip_and_open_clip_donor(tmp_path, capsys):
     model, processor = tiny_llava()
     target = write_lvlm(model, processor, tmp_path / "target")
     base = ["--encoder", str(tmp_path / "visual.safetensors"), "--target", target, "--out", str(tmp_path / "g")]
-    assert main(base) == 1 and "--activation" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--activation"):
+        main(base)
     assert main(base + ["--activation", "quick_gelu", "--num-attention-heads", "4"]) == 0
     grafted = LlavaForConditionalGeneration.from_pretrained(tmp_path / "g")
     assert torch.equal(find_vision_tower(grafted).embeddings.patch_embedding.weight, encoder.embeddings.patch_embedding.weight)
@@ -192,8 +196,10 @@ def test_cli_robust_check_runs_on_a_saved_vqa_dataset(tmp_path, capsys):
             "--verify-samples", "2", "--max-new-tokens", "4", "--feature-shift-eps", "", "--robust-eps", "8/255",
             "--robust-steps", "1"]
     # Without the columns the dataset has no reference answers: refused before any model loads.
-    assert main(argv) == 1 and "set question_column and answers_column" in capsys.readouterr().err
-    assert main(argv + ["--question-column", "query"]) == 1 and "set both" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="set question_column and answers_column"):
+        main(argv)
+    with pytest.raises(UsageError, match="set both"):
+        main(argv + ["--question-column", "query"])
     assert main(argv + ["--question-column", "query", "--answers-column", "refs", "--question-suffix", " ?"]) == 0
     verification = json.loads((tmp_path / "g" / "graft_report.json").read_text())["verification"]
     assert verification["vqa_accuracy_original"] == 1.0  # the questions, suffix included, are the ones answered above

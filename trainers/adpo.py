@@ -60,7 +60,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -70,11 +69,12 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from torch import nn
 from transformers import TrainerCallback
-from trl import DPOConfig, DPOTrainer, TrlParser
+from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
 import adpo
 from adpo.attacks import attack_mode, pgd
+from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import relative_drift_loss
 from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_logps
 from adpo.lvlm import (
@@ -92,14 +92,15 @@ from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import (
     ENCODER_DIRNAME,
+    check_training_arguments,
     checkpoint_encoder_dir,
     fit_precision_to_device,
     last_complete_checkpoint,
     load_lvlm_for_tower_training,
     write_requested_exports,
 )
-from adpo.sources import ImageSource, open_source
-from adpo.threat import ThreatModel, parse_eps
+from adpo.sources import ImageSource, check_source, open_source, saved_dataset_columns
+from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_eps, parse_radius
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +228,11 @@ class AdPOConfig(DPOConfig):
                   "what pair_source implies; online adversarial images need pair_source: online."},
     )
     attack_norm: str = field(default="linf", metadata={"help": "Online attack norm: linf or l2."})
-    attack_eps: str = field(default="2/255", metadata={"help": "Online attack ε: '2/255', 0.0078, 2 (255ths) or 'world' (the bundled world's working ε)."})
-    attack_steps: int = field(default=10, metadata={"help": "Online PGD steps."})
-    attack_step_size: float | None = field(default=None, metadata={"help": "Online PGD step size (default ε/4)."})
+    attack_eps: str = field(default="2/255", metadata={"help": f"Online attack ε in [0,1] pixels: {EPS_SYNTAX}; or 'world' "
+                            "(the bundled world's working ε)."})
+    attack_steps: int = field(default=10, metadata={"help": "Online PGD steps (>= 1)."})
+    attack_step_size: str | None = field(default=None, metadata={"help": "Online PGD step size (same syntax as attack_eps; "
+                                         "default ε/4)."})
     attack_random_start: bool = field(default=True, metadata={"help": "Online PGD starts uniformly in the ball."})
     attack_embedding: str = field(
         default="pooled", metadata={"help": "Tower output the online FARE objective compares: 'pooled' or 'llm'."}
@@ -256,10 +259,30 @@ class AdPOConfig(DPOConfig):
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the pairs (paper: 2)."})
 
     def __post_init__(self):
+        # Every check runs here, when the config is parsed: a bad value fails before any model or dataset loads.
+        check_training_arguments(self)
+        for key in ("model_dtype", "encoder_copy_dtype"):
+            try:
+                resolve_dtype(getattr(self, key))
+            except ValueError as error:
+                raise UsageError(f"{key}: {error}") from None
         fit_precision_to_device(self, ("model_dtype",))
-        resolve_dtype(self.encoder_copy_dtype)  # an unknown dtype fails here, not after training
         super().__post_init__()
         problems = []
+        if self.attack_norm not in NORMS:
+            problems.append(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
+        for key in ("attack_eps", "attack_step_size"):
+            if getattr(self, key) is not None:
+                try:
+                    parse_radius(getattr(self, key), key, self.attack_norm)
+                except UsageError as error:
+                    problems.append(str(error))
+        if self.attack_steps < 1:
+            problems.append(f"attack_steps={self.attack_steps}; must be >= 1")
+        if self.max_length is not None and self.max_length < 1:
+            problems.append(f"max_length={self.max_length}; must be >= 1 or unset")
+        if self.pair_source == "stored" and self.dataset_path:
+            problems += self._pairs_problems()
         if self.pair_source not in PAIR_SOURCES:
             problems.append(f"pair_source={self.pair_source!r}; use one of {PAIR_SOURCES}")
         if self.adv_source is None:
@@ -304,18 +327,34 @@ class AdPOConfig(DPOConfig):
             problems.append("precompute_ref_log_probs is not supported; store ref log-probs with `adpo pairs` "
                             "(compute_ref_logps: true) and keep use_stored_ref_logps: true")
         if problems:
-            raise ValueError("invalid AdPO config: " + "; ".join(problems))
+            raise UsageError("invalid AdPO config: " + "; ".join(problems))
         self.attack_eps = str(self.attack_eps)
+        self.attack_step_size = None if self.attack_step_size is None else str(self.attack_step_size)
+
+    def _pairs_problems(self) -> list[str]:
+        """A stored pairs dataset that is not there, or lacks a column AdPO reads (checked from its metadata)."""
+        try:
+            check_source(self.dataset_path, "dataset_path", self.dataset_split, split_key="dataset_split")
+            location = Path(self.dataset_path).expanduser()
+            if (location / "dataset").is_dir():  # an `adpo pairs` run directory
+                location = location / "dataset"
+            columns = saved_dataset_columns(location, self.dataset_split, "dataset_path", "dataset_split")
+        except UsageError as error:
+            return [str(error)]
+        missing = [c for c in REQUIRED_COLUMNS if columns is not None and c not in columns]
+        if missing:
+            return [f"dataset_path={self.dataset_path!r} lacks columns {missing} (has {columns}); an AdPO dataset needs "
+                    f"{list(REQUIRED_COLUMNS)}: make one with `adpo pairs`"]
+        return []
 
     def _online_problems(self) -> list[str]:
         problems = []
-        source = self.image_source or ""
-        # Hub dataset ids are "name" or "owner/name"; anything else that is not the world names a local path.
-        hub_id = re.fullmatch(r"\w[\w.-]*(/[\w.-]+)?", source) and not source.endswith(".json")
-        world = source == "world" or source.startswith("world:")
-        if source and not (world or hub_id or Path(source).expanduser().exists()):
-            problems.append(f"image_source {source!r} does not exist; pass an image folder, a saved HF dataset, a "
-                            "COCO .json, a hub dataset id or 'world'")
+        if self.image_source:
+            columns = {"image_column": self.image_column, "question_column": self.question_column}
+            try:
+                check_source(self.image_source, "image_source", self.image_split, columns, split_key="image_split")
+            except UsageError as error:
+                problems.append(str(error))
         if self.max_images is not None and self.max_images < 1:
             problems.append(f"max_images must be >= 1, got {self.max_images}")
         if self.use_source_questions:
@@ -346,7 +385,8 @@ class AdPOConfig(DPOConfig):
         return settings
 
     def threat(self) -> ThreatModel:
-        return ThreatModel(norm=self.attack_norm, eps=parse_eps(self.attack_eps), step_size=self.attack_step_size,
+        step_size = None if self.attack_step_size is None else parse_eps(self.attack_step_size)
+        return ThreatModel(norm=self.attack_norm, eps=parse_eps(self.attack_eps), step_size=step_size,
                            random_start=self.attack_random_start)
 
 
@@ -883,8 +923,9 @@ class AdPOTrainer(DPOTrainer):
             "select_strategy": self.view.tower.select_strategy,
         }
         if args.adv_source == "online":
-            card["attack"] = {"norm": args.attack_norm, "eps": parse_eps(args.attack_eps), "steps": args.attack_steps,
-                              "step_size": args.attack_step_size, "embedding": args.attack_embedding}
+            threat = args.threat()
+            card["attack"] = {"norm": args.attack_norm, "eps": threat.eps, "steps": args.attack_steps,
+                              "step_size": threat.step_size, "embedding": args.attack_embedding}
         if args.pair_source == "online":
             card["online_pairs"] = {"prompts": args.prompt_list() or f"the source's questions ({args.question_column})",
                                     "decoding": args.decoding(), "identical_pairs": args.identical_pairs,
@@ -966,7 +1007,7 @@ def load_pairs(path: str, split: str = "train") -> Dataset:
         dataset = load_from_disk(str(location))
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
-                raise ValueError(f"{path} has splits {list(dataset)}, not {split!r}; set dataset_split")
+                raise UsageError(f"dataset_path={path!r} has splits {list(dataset)}, not {split!r}; set dataset_split")
             dataset = dataset[split]
         return dataset
     return load_dataset(path, split=split)
@@ -981,25 +1022,25 @@ def open_online_images(args: AdPOConfig) -> Dataset:
                          allow_outside_root=args.allow_outside_root, **hf_columns)
     images = online_images(source, args.prompt_list(), seed=args.seed)
     if args.use_source_questions and not source[0].questions:
-        raise ValueError(f"use_source_questions: {source.name} has no questions; set question_column (a HF dataset's "
+        raise UsageError(f"use_source_questions: {source.name} has no questions; set question_column (a HF dataset's "
                          "question column) or use_source_questions: false")
     return images
 
 
 def build_trainer(args: AdPOConfig) -> AdPOTrainer:
     if not args.model_name_or_path:
-        raise ValueError("set model_name_or_path in the config (or pass --model_name_or_path ...)")
+        raise UsageError("set model_name_or_path in the config (or pass --model_name_or_path ...)")
     eval_dataset = None
     if args.pair_source == "online":
         if not args.image_source:
-            raise ValueError("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
+            raise UsageError("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
                              "a hub dataset id or 'world')")
         if args.dataset_path:
             logger.warning("pair_source: online generates its pairs; dataset_path %s is not read", args.dataset_path)
         train_dataset = open_online_images(args)
     else:
         if not args.dataset_path:
-            raise ValueError("pair_source: stored needs dataset_path (an `adpo pairs` output directory), or set "
+            raise UsageError("pair_source: stored needs dataset_path (an `adpo pairs` output directory), or set "
                              "pair_source: online with an image_source")
         train_dataset = load_pairs(args.dataset_path, args.dataset_split)
     if args.eval_fraction > 0:
@@ -1011,7 +1052,7 @@ def build_trainer(args: AdPOConfig) -> AdPOTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = TrlParser([AdPOConfig]).parse_args_and_config(argv)
+    (args,) = parse_config([AdPOConfig], argv, prog="adpo train adpo")
     trainer = build_trainer(args)
     resume = args.resume_from_checkpoint
     if resume in ("auto", "last", "true", "True"):

@@ -25,7 +25,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -48,15 +48,17 @@ from adpo.lvlm import (
 )
 from adpo.objectives import Objective
 from adpo.preprocess import image_processor_of, to_pixels
+from adpo.errors import UsageError
 from adpo.runtime import (
     ENCODER_DIRNAME,
+    check_training_arguments,
     checkpoint_encoder_dir,
     fit_precision_to_device,
     last_complete_checkpoint,
     write_requested_exports,
 )
-from adpo.sources import ImageRecord, ImageSource, open_source
-from adpo.threat import ThreatModel, parse_eps
+from adpo.sources import ImageRecord, ImageSource, check_source, open_source
+from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_radius
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class EncoderTrainingConfig(TrainingArguments):
     ℓ∞ ε = 2/255, PGD-10 with step 1/255, AdamW lr 1e-5, weight decay 1e-4, cosine schedule with 7 %
     warm-up, effective batch 128 (per-device batch × gradient accumulation × processes).
     """
+
+    needs_labels: ClassVar[bool] = False  # the dataset must hold label_column (TeCoA)
 
     model_name_or_path: str | None = field(
         default=None,
@@ -103,9 +107,9 @@ class EncoderTrainingConfig(TrainingArguments):
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
     norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
     eps: str = field(
-        default="2/255", metadata={"help": "Radius: '2/255', 0.0078, 2 (read as 255ths) or 'world' (the world's)."}
+        default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world' (the world's)."}
     )
-    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack."})
+    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack (>= 1)."})
     attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as eps)."})
     attack_momentum: float = field(
         default=0.9, metadata={"help": "PGD momentum on mean-|g|-normalised gradients (FARE's training code); 0 = plain."}
@@ -149,18 +153,31 @@ class EncoderTrainingConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the images."})
 
     def __post_init__(self) -> None:
+        # Every check runs here, when the config is parsed: a bad value fails before any model loads.
         if self.model_name_or_path is None:
-            raise ValueError("model_name_or_path is required: a CLIP vision model, 'world:clip', or an LVLM id/dir")
+            raise UsageError("model_name_or_path is required: a CLIP vision model, 'world:clip', or an LVLM id/dir")
         if self.dataset is None:
-            raise ValueError("dataset is required: 'world', an image folder, a saved HF dataset dir or a hub id")
+            raise UsageError("dataset is required: 'world', an image folder, a saved HF dataset dir or a hub id")
         if self.output_dir is None:
-            raise ValueError("output_dir is required: where checkpoints and the final encoder are written")
+            raise UsageError("output_dir is required: where checkpoints and the final encoder are written")
         if self.embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        if self.attack_steps < 0:
-            raise ValueError(f"attack_steps must be >= 0, got {self.attack_steps}")
+            raise UsageError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        if self.norm not in NORMS:
+            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
+        parse_radius(self.eps, "eps", self.norm)
+        parse_radius(self.attack_step_size, "attack_step_size", self.norm)
+        if self.attack_steps < 1:
+            raise UsageError(f"attack_steps={self.attack_steps}; must be >= 1")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise UsageError(f"max_train_samples={self.max_train_samples}; must be >= 1 or unset")
+        check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
+                     columns={"image_column": self.image_column, "label_column": self.label_column if self.needs_labels else None})
         for key in ("model_dtype", "load_dtype", "encoder_copy_dtype"):
-            resolve_dtype(getattr(self, key))  # an unknown name fails here, before any model loads
+            try:
+                resolve_dtype(getattr(self, key))
+            except ValueError as error:
+                raise UsageError(f"{key}: {error}") from None
+        check_training_arguments(self)
         fit_precision_to_device(self, ("model_dtype", "load_dtype"))
         super().__post_init__()
 
@@ -168,11 +185,10 @@ class EncoderTrainingConfig(TrainingArguments):
     def threat(self) -> ThreatModel:
         return ThreatModel(
             norm=self.norm,
-            eps=parse_eps(self.eps),
-            step_size=parse_eps(self.attack_step_size),
+            eps=parse_radius(self.eps, "eps", self.norm),
+            step_size=parse_radius(self.attack_step_size, "attack_step_size", self.norm),
             random_start=self.attack_random_start,
         )
-
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
@@ -377,7 +393,7 @@ class EncoderAdversarialTrainer(Trainer):
         self.image_processor = image_processor
         self.source = dict(source or {})
         self.threat = args.threat
-        if self.zero_gradient_at_clean and not args.attack_random_start and args.attack_steps > 0:
+        if self.zero_gradient_at_clean and not args.attack_random_start:
             logger.warning("%s's attack objective has zero gradient at the clean image: without attack_random_start "
                            "PGD cannot leave it and training sees no adversarial images", self.method)
         self._micro_step = (-1, 0)  # (global step, micro-batches attacked during it)

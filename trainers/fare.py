@@ -21,8 +21,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch trainers/far
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from trl import TrlParser
 
+from adpo.errors import parse_config
 from adpo.losses.encoder import fare_loss
 from adpo.objectives import EmbeddingDistance
 from trainers.encoder_trainer import (
@@ -78,7 +78,7 @@ def build_trainer(config: FareConfig, train_dataset=None) -> FareTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (config,) = TrlParser([FareConfig]).parse_args_and_config(argv)
+    (config,) = parse_config([FareConfig], argv, prog="adpo train fare")
     out = train_and_save(build_trainer(config))
     print(f"FARE encoder written to {out}")
     return 0

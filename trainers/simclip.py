@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch trainers/sim
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from trl import TrlParser
 
+from adpo.errors import parse_config
 from adpo.losses.encoder import simclip_loss
 from adpo.objectives import EmbeddingDistance
 from trainers.encoder_trainer import (
@@ -68,7 +68,7 @@ def build_trainer(config: SimClipConfig, train_dataset=None) -> SimClipTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (config,) = TrlParser([SimClipConfig]).parse_args_and_config(argv)
+    (config,) = parse_config([SimClipConfig], argv, prog="adpo train simclip")
     out = train_and_save(build_trainer(config))
     print(f"Sim-CLIP encoder written to {out}")
     return 0

@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch trainers/tec
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
-from trl import TrlParser
 
+from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import tecoa_loss
 from adpo.objectives import ZeroShotCrossEntropy
 from adpo.world.clip import zero_shot_classifier
@@ -53,6 +53,8 @@ TECOA_PROMPT_TEMPLATE = "This is a photo of a {}"
 class TecoaConfig(EncoderTrainingConfig):
     """TeCoA options on top of :class:`EncoderTrainingConfig` (``embedding`` must stay 'pooled')."""
 
+    needs_labels = True
+
     text_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "CLIPModel whose text tower embeds the class prompts (dir, hub id or 'world:clip'); "
@@ -68,7 +70,8 @@ class TecoaConfig(EncoderTrainingConfig):
 
     def __post_init__(self) -> None:
         if self.embedding != "pooled":
-            raise ValueError("TeCoA compares the pooled, projected image embedding with text embeddings: set embedding: pooled")
+            raise UsageError(f"embedding={self.embedding!r}: TeCoA compares the pooled, projected image embedding with "
+                             "text embeddings; set embedding: pooled")
         super().__post_init__()
 
 
@@ -178,7 +181,7 @@ def build_trainer(config: TecoaConfig, train_dataset=None) -> TecoaTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (config,) = TrlParser([TecoaConfig]).parse_args_and_config(argv)
+    (config,) = parse_config([TecoaConfig], argv, prog="adpo train tecoa")
     out = train_and_save(build_trainer(config))
     print(f"TeCoA encoder written to {out}")
     return 0

@@ -3,6 +3,9 @@
     adpo transfer --encoder DIR|FILE|world:small --target MODEL --out DIR [--config configs/transfer/X.yaml]
     adpo transfer convert --from-open-clip FILE --activation quick_gelu --out ENCODER_DIR
     adpo transfer convert --to-open-clip ENCODER_DIR --out FILE.safetensors
+
+A bad key or value raises :class:`adpo.errors.UsageError` before any model loads (:func:`validate`); errors met
+while grafting or converting print one line and exit with code 1.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from adpo.errors import UsageError, parse_config
 
 # OpenAI CLIP's normalisation constants (also LLaVA-1.5's, FARE's and TeCoA's).
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -80,10 +85,8 @@ class ConvertConfig:
     openai_normalisation: bool = field(default=False, metadata={"help": "shorthand for OpenAI CLIP's mean/std"})
 
 
-def _parse(dataclass_type, argv: list[str]):
-    from trl import TrlParser
-
-    (config,) = TrlParser([dataclass_type]).parse_args_and_config(argv)
+def _parse(dataclass_type, argv: list[str], prog: str):
+    (config,) = parse_config([dataclass_type], argv, prog=prog)
     return config
 
 
@@ -91,40 +94,74 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "convert":
-            return convert(_parse(ConvertConfig, argv[1:]))
-        return transfer(_parse(TransferConfig, argv))
+            return convert(_parse(ConvertConfig, argv[1:], "adpo transfer convert"))
+        config = _parse(TransferConfig, argv, "adpo transfer")
+        validate(config)
+        return transfer(config)
+    except UsageError:
+        raise  # the process entry point prints it as one line, exit code 2
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"adpo transfer: {error}", file=sys.stderr)
         return 1
 
 
+def validate(config: TransferConfig) -> None:
+    """Every check that needs no model, run before the target loads: a UsageError naming the key and the fix."""
+    from adpo.io import check_writable
+    from adpo.sources import check_source
+    from adpo.threat import NORMS, parse_radius
+
+    for key in ("encoder", "target"):
+        value = getattr(config, key)
+        if value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+            raise UsageError(f"{key}={value!r} looks like a path but does not exist; pass an existing directory or file")
+    if config.realign_out and not config.realign_data:
+        raise UsageError("realign_out needs realign_data (caption data other than the verification images, e.g. world:train)")
+    if bool(config.question_column) != bool(config.answers_column):
+        raise UsageError("set both question_column and answers_column (the VQA columns of verify_data), or neither")
+    verify_is_world = bool(config.verify_data) and (config.verify_data == "world" or config.verify_data.startswith("world:"))
+    if config.robust_eps and config.verify_data and not (verify_is_world or config.answers_column):
+        raise UsageError(f"robust_eps needs reference answers but verify_data {config.verify_data!r} has none named: set "
+                         "question_column and answers_column to its VQA columns (a saved HF dataset), use world:SPLIT, "
+                         "or drop robust_eps")
+    if config.robust_norm not in NORMS:
+        raise UsageError(f"robust_norm={config.robust_norm!r}; use one of {NORMS}")
+    for key in ("feature_shift_eps", "robust_eps"):
+        if getattr(config, key):
+            parse_radius(getattr(config, key), key, config.robust_norm)
+    for key in ("verify_samples", "max_new_tokens", "batch_size", "feature_shift_steps", "robust_steps", "realign_samples",
+                "realign_steps", "realign_batch_size"):
+        if getattr(config, key) < 1:
+            raise UsageError(f"{key}={getattr(config, key)}; must be >= 1")
+    if config.verify_data:
+        check_source(config.verify_data, "verify_data", columns={"question_column": config.question_column,
+                                                                  "answers_column": config.answers_column})
+    if config.realign_data:
+        check_source(config.realign_data, "realign_data", columns={"realign_caption_column": config.realign_caption_column})
+    if not config.check_only:
+        for key in ("out", "realign_out"):
+            path = getattr(config, key)
+            if path and Path(path).exists() and not config.overwrite:
+                raise UsageError(f"{key}={path!r} already exists; pass --overwrite to replace it or choose another {key}")
+            if path:
+                check_writable(path, key)
+
+
 def transfer(config: TransferConfig) -> int:
     from adpo.lvlm import LlavaView, VisionTower, load_lvlm
     from transfer.geometry import GraftOptions
-    from transfer.graft import check_donor, ensure_writable, graft_encoder, grafted_summary, load_donor, save_grafted
+    from transfer.graft import check_donor, graft_encoder, grafted_summary, load_donor, save_grafted
     from transfer.realign import RealignConfig, realign_projector
     from transfer.verify import (answer_agreement, donor_view, feature_shift, generate_answers, load_samples,
                                  robust_vqa_accuracy, tower_agreement)
 
     out = Path(config.out)
-    if config.realign_out and not config.realign_data:
-        raise ValueError("--realign-out needs --realign-data (caption data other than the verification images, e.g. world:train)")
-    if bool(config.question_column) != bool(config.answers_column):
-        raise ValueError("set both question_column and answers_column (the VQA columns of verify_data), or neither")
-    verify_is_world = bool(config.verify_data) and (config.verify_data == "world" or config.verify_data.startswith("world:"))
-    if config.robust_eps and config.verify_data and not (verify_is_world or config.answers_column):
-        raise ValueError(f"robust_eps needs reference answers but verify_data {config.verify_data!r} has none named: set "
-                         "question_column and answers_column to its VQA columns (a saved HF dataset), use world:SPLIT, "
-                         "or drop robust_eps")
-    if not config.check_only:
-        ensure_writable(out, config.overwrite)
-        if config.realign_out:
-            ensure_writable(Path(config.realign_out), config.overwrite)
+    # the donor first: an open_clip file without its activation is refused before the target loads
+    donor = load_donor(config.encoder, activation=config.activation, num_attention_heads=config.num_attention_heads,
+                       image_mean=config.donor_image_mean, image_std=config.donor_image_std)
     model, processor = load_lvlm(config.target, dtype=config.dtype)
     if config.device:
         model = model.to(config.device)
-    donor = load_donor(config.encoder, activation=config.activation, num_attention_heads=config.num_attention_heads,
-                       image_mean=config.donor_image_mean, image_std=config.donor_image_std)
     options = GraftOptions(config.interpolate_positions, config.fold_normalisation, config.adopt_donor_activation,
                            config.adopt_donor_layer_norm_eps)
     geometry = check_donor(model, processor, donor, options)
@@ -201,13 +238,13 @@ def convert(config: ConvertConfig) -> int:
     from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, openclip_to_clip_vision_model, save_state_dict_file
 
     if bool(config.from_open_clip) == bool(config.to_open_clip):
-        raise ValueError("pass exactly one of --from-open-clip FILE or --to-open-clip DIR")
+        raise UsageError("pass exactly one of --from-open-clip FILE or --to-open-clip DIR")
     if config.to_open_clip:
         state = clip_vision_model_to_openclip(load_encoder(config.to_open_clip))
         print(f"wrote {save_state_dict_file(state, config.out)} ({len(state)} tensors, open_clip visual layout)")
         return 0
     if config.activation is None:
-        raise ValueError("--activation is required: quick_gelu (OpenAI CLIP, FARE, TeCoA) or gelu (LAION open_clip)")
+        raise UsageError("--activation is required: quick_gelu (OpenAI CLIP, FARE, TeCoA) or gelu (LAION open_clip)")
     conversion = openclip_to_clip_vision_model(load_state_dict_file(config.from_open_clip), hidden_act=config.activation,
                                                num_attention_heads=config.num_attention_heads)
     mean, std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if config.openai_normalisation else (config.image_mean, config.image_std)

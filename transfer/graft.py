@@ -20,6 +20,7 @@ from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionModel
 from transformers.activations import ACT2FN
 
+from adpo.errors import UsageError
 from adpo.io import atomic_directory
 from adpo.lvlm import (
     WORLD_PREFIX,
@@ -98,7 +99,7 @@ def load_donor(
         record["kind"] = "encoder directory"
     elif path.is_file():
         if activation is None:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is an open_clip state dict: pass --activation (quick_gelu for OpenAI CLIP and its "
                 "FARE/TeCoA fine-tunes, gelu for LAION open_clip models); the weights cannot tell"
             )

@@ -41,15 +41,14 @@ def compare_main(argv: list[str]) -> int:
 
 
 def run_main(argv: list[str]) -> int:
-    from trl import TrlParser
-
+    from adpo.errors import parse_config
     from adpo.eval.config import EvalConfig
     from adpo.eval.loading import prepare
     from adpo.eval.protocol import run_protocol
     from adpo.eval.report import REPORT_MARKDOWN, results_table
 
-    parser = TrlParser((EvalConfig,), prog="adpo eval", description="Evaluate clean and adversarial robustness of an LVLM (or a CLIP encoder).")
-    (config,) = parser.parse_args_and_config(argv)
+    (config,) = parse_config([EvalConfig], argv, prog="adpo eval",
+                             description="Evaluate clean and adversarial robustness of an LVLM (or a CLIP encoder).")
     model, samples, pixels, class_names = prepare(config)
     report = run_protocol(config, model, samples, pixels, class_names=class_names)
     print(results_table([report]))

@@ -1,8 +1,18 @@
-"""The configuration of one ``adpo eval`` run (a dataclass, loadable from YAML with ``--config``)."""
+"""The configuration of one ``adpo eval`` run (a dataclass, loadable from YAML with ``--config``).
+
+Every value is checked when the config is built, before any model loads; a bad one raises
+:class:`adpo.errors.UsageError`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adpo.errors import UsageError
+from adpo.io import check_writable
+from adpo.sources import check_source
+from adpo.threat import EPS_SYNTAX, NORMS, parse_radius
 
 TASKS = ("vqa", "caption", "targeted", "zeroshot")
 PRECISIONS = ("half", "float16", "bfloat16", "float32")
@@ -12,8 +22,8 @@ PRECISIONS = ("half", "float16", "bfloat16", "float32")
 class EvalConfig:
     """What to evaluate, against which attack, on which samples.
 
-    Epsilons are fractions ("2/255"), floats in [0, 1) or integers read as 255ths; "world" means the
-    bundled world's working epsilon.
+    Epsilons are written as every adpo config writes them (:data:`adpo.threat.EPS_SYNTAX`); "world" means
+    the bundled world's working epsilon.
     """
 
     # -- model
@@ -45,7 +55,7 @@ class EvalConfig:
                                                                  "before resizing, as original LLaVA-1.5 does (llava-hf's processor centre-crops)."})
 
     # -- threat model and attack
-    eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": "Epsilons ('2/255', 0.0078, 2, or 'world')."})
+    eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": f"Epsilons in [0,1] pixels, each {EPS_SYNTAX}; or 'world'."})
     norm: str = field(default="linf", metadata={"help": "linf | l2."})
     steps: int = field(default=100, metadata={"help": "APGD steps per attack pass."})
     precision_schedule: list[str] = field(
@@ -70,17 +80,38 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is not one of {TASKS}; set `task:` in the eval config.")
+            raise UsageError(f"task={self.task!r} is not one of {TASKS}; set `task:` in the eval config.")
         unknown = [p for p in self.precision_schedule if p not in PRECISIONS]
         if unknown or not self.precision_schedule:
-            raise ValueError(f"precision_schedule={self.precision_schedule} must be a non-empty list of {PRECISIONS}.")
+            raise UsageError(f"precision_schedule={self.precision_schedule} must be a non-empty list of {PRECISIONS}.")
+        if self.norm not in NORMS:
+            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
         if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1.")
-        if self.batch_size < 1 or self.num_samples < 1:
-            raise ValueError(f"batch_size ({self.batch_size}) and num_samples ({self.num_samples}) must be >= 1.")
+            raise UsageError(f"steps={self.steps} must be >= 1.")
+        for key in ("step_check_steps", "num_examples", "max_new_tokens", "zeroshot_target_classes"):
+            if getattr(self, key) < 0:
+                raise UsageError(f"{key}={getattr(self, key)} must be >= 0.")
+        if self.batch_size < 1 or self.num_samples < 1 or self.questions_per_image < 1:
+            raise UsageError(f"batch_size ({self.batch_size}), num_samples ({self.num_samples}) and questions_per_image "
+                             f"({self.questions_per_image}) must be >= 1.")
         if not self.eps:
-            raise ValueError("eps must list at least one epsilon, e.g. eps: ['2/255', '4/255'].")
+            raise UsageError("eps must list at least one epsilon, e.g. eps: ['2/255', '4/255'].")
         self.eps = [str(e) for e in self.eps]
+        for eps in self.eps:
+            parse_radius(eps, "eps", self.norm)
+        for key in ("model", "encoder"):
+            value = getattr(self, key)
+            if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise UsageError(f"{key}={value!r} looks like a path but does not exist; pass an existing directory")
+        columns = {"image_column": self.image_column}
+        columns.update({"vqa": {"question_column": self.question_column, "answers_column": self.answers_column},
+                        "caption": {"captions_column": self.captions_column},
+                        "zeroshot": {"label_column": self.label_column}}.get(self.task, {}))
+        check_source(self.data, "data", self.split, columns)
+        if self.image_root is not None and not Path(self.image_root).expanduser().is_dir():
+            raise UsageError(f"image_root={self.image_root!r} is not a directory; set it to the folder of the image files "
+                             "(for COCO, e.g. data/coco/val2014).")
+        check_writable(self.output_dir, "output_dir")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +32,6 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
     """
     from adpo.sources import open_source
 
-    if config.image_root is not None and not Path(config.image_root).expanduser().is_dir():
-        raise ValueError(f"image_root={config.image_root!r} is not a directory; set it to the folder of the image files "
-                         "(for COCO, e.g. data/coco/val2014).")
     hf_columns: dict[str, Any] = {"image_column": config.image_column}
     if config.task == "zeroshot":
         hf_columns["label_column"] = config.label_column

@@ -1,0 +1,88 @@
+"""Errors a user can act on: a bad config value, an unknown key, an output that cannot be written.
+
+Config validation raises :class:`UsageError` (a ``ValueError``, so code that expects ValueError keeps
+working) before any model loads. Process entry points (:func:`adpo.runtime.run_as_process`) print it as one
+line, ``adpo: error: <message>``, and exit with code 2; ``ADPO_DEBUG=1`` (or ``adpo --debug``) re-raises it
+with its traceback. :func:`parse_config` is the one way a stage turns its command line and YAML into config
+dataclasses, so unknown keys become a UsageError too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+DEBUG_ENV = "ADPO_DEBUG"
+# OSErrors the user fixes (free space, choose a writable place), not bugs: reported in one line.
+USER_OS_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+                  errno.EACCES: "choose a writable location or fix its permissions",
+                  errno.EPERM: "choose a writable location or fix its permissions",
+                  errno.EROFS: "choose a location on a writable file system"}
+
+
+class UsageError(ValueError):
+    """A config value, key or path the user has to change; its message names the key, the value and the fix."""
+
+
+def debugging() -> bool:
+    """Whether errors should keep their traceback (``ADPO_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces folded, so an error prints as one line."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def error_line(error: BaseException) -> str | None:
+    """The one line a process prints for ``error``, or None when it is not the user's to fix (a bug: keep the
+    traceback)."""
+    if isinstance(error, UsageError):
+        return one_line(str(error))
+    if isinstance(error, OSError) and error.errno in USER_OS_ERRORS:
+        where = f" ({error.filename})" if error.filename else ""
+        return one_line(f"{error.strerror or error}{where}; {USER_OS_ERRORS[error.errno]}")
+    return None
+
+
+def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: str = "adpo",
+                 description: str | None = None) -> tuple[Any, ...]:
+    """The stage's config dataclasses from ``argv`` (``--config FILE`` YAML, then ``--key value`` overrides), by
+    TRL's TrlParser; a missing or malformed ``--config`` file and unknown keys raise :class:`UsageError`."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        path = argv[index + 1] if index + 1 < len(argv) else None
+        if path is None or not Path(path).is_file():
+            raise UsageError(f"--config {path!r} is not a file; pass the path of a YAML config")
+    parser = TrlParser(list(dataclass_types), prog=prog, description=description)
+    try:
+        return tuple(parser.parse_args_and_config(argv))
+    except UsageError:
+        raise
+    except ValueError as error:
+        if str(error).startswith("Config file"):  # TrlParser: the YAML is not a mapping
+            raise UsageError(one_line(f"{error}; write one `key: value` per line")) from error
+        unknown = _unknown_keys(str(error))
+        if unknown is None:
+            raise
+        raise UsageError(f"unknown key(s) {', '.join(unknown)}; check their spelling (`{prog} --help` lists the keys)") from error
+    except Exception as error:  # a YAML syntax error names the line; anything else is not a config problem
+        if type(error).__module__.startswith("yaml"):
+            raise UsageError(f"--config {argv[argv.index('--config') + 1]!r} is not valid YAML: {one_line(str(error))}") from error
+        raise
+
+
+def _unknown_keys(message: str) -> list[str] | None:
+    """The keys named by TrlParser's / HfArgumentParser's unknown-argument errors (None: another error)."""
+    if not re.match(r"(Unknown arguments from config file|Some (specified arguments|keys) are not used)", message):
+        return None
+    listed = re.search(r"\[(.*)\]", message)
+    items = re.findall(r"'([^']*)'", listed.group(1)) if listed else []
+    return [item.removeprefix("--") for item in items if item.startswith("--")] or items or [message]
