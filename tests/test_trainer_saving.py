@@ -233,9 +233,10 @@ def test_a_baseline_trained_in_bf16_still_writes_a_float32_encoder(tmp_path):
 @pytest.mark.parametrize("name", ["paper.yaml", "llava15_stored_pairs.yaml"])
 def test_the_gpu_adpo_configs_parse_unedited_without_a_gpu(name, no_accelerator, tmp_path):
     path = Path(__file__).resolve().parents[1] / "configs" / "adpo" / name
-    # paper.yaml's image folder is a placeholder the user points at their images; it must exist to parse
-    images = ["--image_source", str(tmp_path)] if name == "paper.yaml" else []
-    (args,) = TrlParser([AdPOConfig]).parse_args_and_config(["--config", str(path), *images])
+    # paper.yaml's image folder is a placeholder the user points at their images, and the stored pairs are written
+    # by `adpo pairs` first; they must exist to parse
+    inputs = ["--image_source", str(tmp_path)] if name == "paper.yaml" else ["--dataset_path", str(tmp_path)]
+    (args,) = TrlParser([AdPOConfig]).parse_args_and_config(["--config", str(path), *inputs])
     assert args.use_cpu and not args.bf16 and args.model_dtype == "float32"
 
 

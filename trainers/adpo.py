@@ -259,28 +259,22 @@ class AdPOConfig(DPOConfig):
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the pairs (paper: 2)."})
 
     def __post_init__(self):
-        # Every check runs here, when the config is parsed: a bad value fails before any model or dataset loads.
+        # Every check runs here, when the config is parsed: a bad value fails before any model or dataset loads,
+        # and before TrainingArguments' own checks (which may refuse the machine first).
         check_training_arguments(self)
         for key in ("model_dtype", "encoder_copy_dtype"):
             try:
                 resolve_dtype(getattr(self, key))
             except ValueError as error:
                 raise UsageError(f"{key}: {error}") from None
+        problems = self._attack_problems()
+        if problems:
+            raise UsageError("invalid AdPO config: " + "; ".join(problems))
+        if self.bf16 is None:  # TRL's default (bf16 unless fp16), set here so that a machine without GPU drops it
+            self.bf16 = not self.fp16
         fit_precision_to_device(self, ("model_dtype",))
         super().__post_init__()
         problems = []
-        if self.attack_norm not in NORMS:
-            problems.append(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
-        for key in ("attack_eps", "attack_step_size"):
-            if getattr(self, key) is not None:
-                try:
-                    parse_radius(getattr(self, key), key, self.attack_norm)
-                except UsageError as error:
-                    problems.append(str(error))
-        if self.attack_steps < 1:
-            problems.append(f"attack_steps={self.attack_steps}; must be >= 1")
-        if self.max_length is not None and self.max_length < 1:
-            problems.append(f"max_length={self.max_length}; must be >= 1 or unset")
         if self.pair_source == "stored" and self.dataset_path:
             problems += self._pairs_problems()
         if self.pair_source not in PAIR_SOURCES:
@@ -330,6 +324,23 @@ class AdPOConfig(DPOConfig):
             raise UsageError("invalid AdPO config: " + "; ".join(problems))
         self.attack_eps = str(self.attack_eps)
         self.attack_step_size = None if self.attack_step_size is None else str(self.attack_step_size)
+
+    def _attack_problems(self) -> list[str]:
+        """The online attack's settings (checked whatever adv_source says: a config must not hold a bad ε)."""
+        problems = []
+        if self.attack_norm not in NORMS:
+            problems.append(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
+        for key in ("attack_eps", "attack_step_size"):
+            if getattr(self, key) is not None:
+                try:
+                    parse_radius(getattr(self, key), key, self.attack_norm)
+                except UsageError as error:
+                    problems.append(str(error))
+        if self.attack_steps < 1:
+            problems.append(f"attack_steps={self.attack_steps}; must be >= 1")
+        if self.max_length is not None and self.max_length < 1:
+            problems.append(f"max_length={self.max_length}; must be >= 1 or unset")
+        return problems
 
     def _pairs_problems(self) -> list[str]:
         """A stored pairs dataset that is not there, or lacks a column AdPO reads (checked from its metadata)."""
