@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import CLIPModel, CLIPVisionModel, TrainerCallback
 
 from adpo.lvlm import canonical_encoder_state
 from adpo.testing import launch_two_cpu_processes, tiny_image_processor, tiny_llava, tiny_vision_config
+from adpo.threat import parse_eps
 from adpo.world.clip import WorldClipSize, build_world_clip_config, build_world_processor, build_world_tokenizer
 from trainers import fare, simclip, tecoa
 from trainers.encoder_trainer import resume_argument
@@ -131,8 +133,10 @@ def test_fare_with_zero_radius_has_zero_first_loss_and_an_attack_raises_it(asset
     losses = {}
     for eps in ("0", "8/255"):
         trainer = fare.build_trainer(
-            _config(fare.FareConfig, assets, tmp_path / eps.replace("/", "_"), "vision", "images32", eps=eps, max_steps=1)
+            _config(fare.FareConfig, assets, tmp_path / eps.replace("/", "_"), "vision", "images32", max_steps=1)
         )
+        # a config refuses eps 0 (no attack is not adversarial training): the trainer's threat model is set directly
+        trainer.threat = dataclasses.replace(trainer.threat, eps=parse_eps(eps))
         batch = next(iter(trainer.get_train_dataloader()))
         losses[eps] = float(trainer.compute_loss(trainer.model, batch).detach())
     # at step 0 phi_theta = phi_orig, so only the perturbation can make the FARE loss positive

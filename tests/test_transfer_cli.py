@@ -88,7 +88,7 @@ def test_cli_check_only_reports_mismatch_with_exit_code(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_convert_round_trip_and_open_clip_donor(tmp_path, capsys):
+def test_convert_round_trip_and_open_clip_donor(tmp_path):
     encoder = CLIPVisionModel(tiny_vision_config()).eval()
     state = clip_vision_model_to_openclip(encoder)
     save_state_dict_file(state, tmp_path / "visual.safetensors")
@@ -179,7 +179,7 @@ def test_realign_trains_only_the_projector_and_lowers_caption_loss():
     assert all(p.requires_grad for p in model.parameters())  # requires_grad flags restored as they were
 
 
-def test_cli_robust_check_runs_on_a_saved_vqa_dataset(tmp_path, capsys):
+def test_cli_robust_check_runs_on_a_saved_vqa_dataset(tmp_path):
     import datasets
 
     from adpo.lvlm import LlavaView
