@@ -85,6 +85,10 @@ def transfer_argv(inputs, *extra):
     return ["transfer", "--encoder", "world:small", "--target", "world:large", "--out", inputs["out"], *extra]
 
 
+def convert_argv(inputs, *extra):
+    return ["transfer", "convert", "--out", inputs["out"], *extra]
+
+
 CASES = [
     # (stage argv builder, extra arguments, what the one line says)
     (adpo_argv, ["--attack_eps", "300/255"], "attack_eps='300/255' is 1.176, outside (0, 1]"),
@@ -109,6 +113,7 @@ CASES = [
     (eval_argv, ["--data", "no/such/data"], "data='no/such/data' does not exist"),
     (transfer_argv, ["--robust_eps", "300/255", "--verify_data", "world:test"], "robust_eps='300/255' is 1.176"),
     (transfer_argv, ["--robust_steps", "0"], "robust_steps=0; must be >= 1"),
+    (convert_argv, ["--from-open-clip", "absent.safetensors", "--activation", "gelu"], "'absent.safetensors' does not exist"),
 ]
 
 

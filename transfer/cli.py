@@ -234,11 +234,16 @@ def _print_numbers(section: dict | None) -> None:
 def convert(config: ConvertConfig) -> int:
     from transformers import CLIPImageProcessor
 
+    from adpo.io import check_writable
     from adpo.lvlm import load_encoder, save_encoder
     from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, openclip_to_clip_vision_model, save_state_dict_file
 
     if bool(config.from_open_clip) == bool(config.to_open_clip):
         raise UsageError("pass exactly one of --from-open-clip FILE or --to-open-clip DIR")
+    given = config.from_open_clip or config.to_open_clip
+    if not Path(given).exists():
+        raise UsageError(f"{given!r} does not exist; pass the open_clip file or encoder directory to convert")
+    check_writable(config.out, "out")
     if config.to_open_clip:
         state = clip_vision_model_to_openclip(load_encoder(config.to_open_clip))
         print(f"wrote {save_state_dict_file(state, config.out)} ({len(state)} tensors, open_clip visual layout)")
