@@ -53,6 +53,7 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
                  description: str | None = None) -> tuple[Any, ...]:
     """The stage's config dataclasses from ``argv`` (``--config FILE`` YAML, then ``--key value`` overrides), by
     TRL's TrlParser; a missing or malformed ``--config`` file and unknown keys raise :class:`UsageError`."""
+    import yaml
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -66,17 +67,15 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
         return tuple(parser.parse_args_and_config(argv))
     except UsageError:
         raise
+    except yaml.YAMLError as error:  # its message names the line and column
+        raise UsageError(f"--config {argv[argv.index('--config') + 1]!r} is not valid YAML: {one_line(str(error))}") from error
     except ValueError as error:
         if str(error).startswith("Config file"):  # TrlParser: the YAML is not a mapping
-            raise UsageError(one_line(f"{error}; write one `key: value` per line")) from error
+            raise UsageError(one_line(f"{str(error).rstrip('.')}; write one `key: value` per line")) from error
         unknown = _unknown_keys(str(error))
         if unknown is None:
             raise
         raise UsageError(f"unknown key(s) {', '.join(unknown)}; check their spelling (`{prog} --help` lists the keys)") from error
-    except Exception as error:  # a YAML syntax error names the line; anything else is not a config problem
-        if type(error).__module__.startswith("yaml"):
-            raise UsageError(f"--config {argv[argv.index('--config') + 1]!r} is not valid YAML: {one_line(str(error))}") from error
-        raise
 
 
 def _unknown_keys(message: str) -> list[str] | None:

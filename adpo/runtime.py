@@ -1,4 +1,5 @@
-"""What every trainer needs from the machine it runs on, and what it writes beyond ``encoder/`` at its end."""
+"""What every trainer needs from the machine it runs on, the checks every trainer config runs before any model
+loads, what a trainer writes beyond ``encoder/`` at its end, and how a command runs as a whole process."""
 
 from __future__ import annotations
 

@@ -140,6 +140,12 @@ def test_unknown_keys_exit_2_with_one_line(build, inputs, tmp_path, no_model, ca
     assert code == 2 and "unknown key(s) epsilon" in line
     code, line = run_adpo(build(inputs, "--config", str(tmp_path / "absent.yaml")), capsys)
     assert code == 2 and "absent.yaml' is not a file" in line
+    config.write_text("eps: [2/255\n")
+    code, line = run_adpo(build(inputs, "--config", str(config)), capsys)
+    assert code == 2 and "c.yaml' is not valid YAML: " in line
+    config.write_text("- eps\n")
+    code, line = run_adpo(build(inputs, "--config", str(config)), capsys)
+    assert code == 2 and "must contain a YAML mapping; write one `key: value` per line" in line
 
 
 OUTPUT_KEYS = [(pairs_argv, "output_dir"), (fare_argv, "output_dir"), (adpo_argv, "output_dir"), (eval_argv, "output_dir"),
