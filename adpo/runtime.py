@@ -63,16 +63,18 @@ def fit_precision_to_device(args: Any, dtype_fields: Sequence[str]) -> None:
         args.use_cpu = True
 
 
-def check_training_arguments(args: Any, model_key: str = "model_name_or_path") -> None:
+def check_training_arguments(args: Any, dtype_keys: Sequence[str] = (), model_key: str = "model_name_or_path") -> None:
     """The checks every trainer's config runs before ``TrainingArguments.__post_init__`` and before any model loads:
     a :class:`adpo.errors.UsageError` naming the key, the value and the fix.
 
     ``max_steps`` must be -1 (train ``num_train_epochs``) or >= 1 (transformers reads any other value as "use the
-    epochs" without a word); batch sizes and accumulation >= 1; a model named by a path must exist; the output
-    directory must be writable (tried, see :func:`adpo.io.check_writable`).
+    epochs" without a word); batch sizes and accumulation >= 1; the dtypes named in ``dtype_keys`` must be known; a
+    model named by a path must exist; the output directory must be writable (tried, see
+    :func:`adpo.io.check_writable`).
     """
     from adpo.errors import UsageError
     from adpo.io import check_writable
+    from adpo.lvlm import resolve_dtype
 
     if args.max_steps != -1 and args.max_steps < 1:
         raise UsageError(f"max_steps={args.max_steps}; use -1 to train num_train_epochs, or a number of steps >= 1")
@@ -81,6 +83,11 @@ def check_training_arguments(args: Any, model_key: str = "model_name_or_path") -
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, key) < 1:
             raise UsageError(f"{key}={getattr(args, key)}; must be >= 1")
+    for key in dtype_keys:
+        try:
+            resolve_dtype(getattr(args, key))
+        except ValueError as error:
+            raise UsageError(f"{key}: {error}") from None
     model = getattr(args, model_key) or ""
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
         raise UsageError(f"{model_key}={model!r} looks like a path but does not exist; pass an existing model "

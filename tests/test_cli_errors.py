@@ -102,6 +102,8 @@ CASES = [
     (fare_argv, ["--attack_steps", "-3"], "attack_steps=-3; must be >= 1"),
     (fare_argv, ["--max_steps", "-5"], "max_steps=-5"),
     (fare_argv, ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0; must be >= 1"),
+    (fare_argv, ["--model_dtype", "int7"], "model_dtype: unknown dtype 'int7'; use one of"),
+    (adpo_argv, ["--encoder_copy_dtype", "int7"], "encoder_copy_dtype: unknown dtype 'int7'; use one of"),
     (fare_argv, ["--dataset", "no/such/images"], "dataset='no/such/images' does not exist"),
     # a relative name that is not there looks like a hub id; offline and not cached it is refused here
     (fare_argv, ["--dataset", "my_images"], "dataset='my_images' is no local path, and the hub is offline"),

@@ -84,7 +84,6 @@ from adpo.lvlm import (
     find_vision_tower,
     freeze_for_tower_training,
     put_encoder,
-    resolve_dtype,
     save_encoder,
 )
 from adpo.objectives import EmbeddingDistance
@@ -261,12 +260,7 @@ class AdPOConfig(DPOConfig):
     def __post_init__(self):
         # Every check runs here, when the config is parsed: a bad value fails before any model or dataset loads,
         # and before TrainingArguments' own checks (which may refuse the machine first).
-        check_training_arguments(self)
-        for key in ("model_dtype", "encoder_copy_dtype"):
-            try:
-                resolve_dtype(getattr(self, key))
-            except ValueError as error:
-                raise UsageError(f"{key}: {error}") from None
+        check_training_arguments(self, ("model_dtype", "encoder_copy_dtype"))
         problems = self._attack_problems()
         if problems:
             raise UsageError("invalid AdPO config: " + "; ".join(problems))

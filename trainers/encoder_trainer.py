@@ -34,6 +34,7 @@ from transformers.trainer_utils import SchedulerType
 
 import adpo
 from adpo.attacks import AttackResult, pgd
+from adpo.errors import UsageError
 from adpo.lvlm import (
     VisionTower,
     canonical_encoder_state,
@@ -48,7 +49,6 @@ from adpo.lvlm import (
 )
 from adpo.objectives import Objective
 from adpo.preprocess import image_processor_of, to_pixels
-from adpo.errors import UsageError
 from adpo.runtime import (
     ENCODER_DIRNAME,
     check_training_arguments,
@@ -172,12 +172,7 @@ class EncoderTrainingConfig(TrainingArguments):
             raise UsageError(f"max_train_samples={self.max_train_samples}; must be >= 1 or unset")
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
                      columns={"image_column": self.image_column, "label_column": self.label_column if self.needs_labels else None})
-        for key in ("model_dtype", "load_dtype", "encoder_copy_dtype"):
-            try:
-                resolve_dtype(getattr(self, key))
-            except ValueError as error:
-                raise UsageError(f"{key}: {error}") from None
-        check_training_arguments(self)
+        check_training_arguments(self, ("model_dtype", "load_dtype", "encoder_copy_dtype"))
         fit_precision_to_device(self, ("model_dtype", "load_dtype"))
         super().__post_init__()
 
