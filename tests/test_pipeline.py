@@ -350,3 +350,48 @@ def test_the_world_study_reuses_its_validation_phase_trainings(tmp_path):
     assert stages["world_study_val"]["eval-small-adpo"].settings["data"] == "world:val"
     assert stages["world_study_anchor_val"]["eval-large-adpo_anchor"].settings["data"] == "world:val"
     assert "transfer-adpo" not in stages["world_study_val"]
+
+
+@pytest.mark.world
+def test_adpo_run_killed_in_training_resumes_from_its_checkpoint_without_repeating_steps(tmp_path, monkeypatch):
+    """A real FARE stage killed after its step-2 checkpoint: the rerun goes on from step 2, runs each remaining step
+    once, and ends with the encoder an uninterrupted run writes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from trainers.encoder_trainer import EncoderAdversarialTrainer
+
+    started_at, kill = [], {"armed": True}
+    training_step = EncoderAdversarialTrainer.training_step
+
+    def recorded_step(self, *args, **kwargs):
+        started_at.append(self.state.global_step)
+        if kill["armed"] and self.state.global_step == 2:  # right after the step-2 checkpoint
+            kill["armed"] = False
+            raise KeyboardInterrupt("killed")  # what Ctrl-C raises; the pipeline does not catch it
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(EncoderAdversarialTrainer, "training_step", recorded_step)
+
+    def config_in(name: str) -> pipeline.PipelineConfig:
+        content = {
+            "output_dir": str(tmp_path / name), "methods": ["fare"], "eval_large": False,
+            "train": {"fare": {"config": "configs/fare/world.yaml", "overrides": {
+                "max_steps": 4, "save_steps": 2, "save_total_limit": 2, "per_device_train_batch_size": 2,
+                "max_train_samples": 8, "attack_steps": 2, "logging_steps": 1, "report_to": "none"}}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(content))
+        return pipeline.PipelineConfig.from_yaml(path)
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(config_in("killed"), only=("train-fare",))
+    assert started_at == [0, 1, 2]
+    started_at.clear()
+    pipeline.run_pipeline(config_in("killed"), only=("train-fare",))
+    assert started_at == [2, 3], "the rerun did not go on from the step-2 checkpoint"
+    pipeline.run_pipeline(config_in("uninterrupted"), only=("train-fare",))
+    resumed, uninterrupted = (load_file(tmp_path / name / "train/fare/run/encoder/model.safetensors")
+                              for name in ("killed", "uninterrupted"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
