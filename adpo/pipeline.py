@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
+from adpo.errors import UsageError
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
 
 DONE_MARKER = "STAGE_DONE.json"
@@ -75,19 +76,24 @@ class PipelineConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "PipelineConfig":
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"pipeline config {path} does not exist; try configs/quickstart.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
+            raise UsageError(f"pipeline config {path} does not exist; try configs/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise UsageError(f"pipeline config {path} is not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise UsageError(f"pipeline config {path} must be a mapping of keys (output_dir, methods, train, ...)")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; valid keys are {sorted(known)}")
+            raise UsageError(f"{path}: unknown keys {unknown}; valid keys are {sorted(known)}")
 
         def spec(value: Any, where: str) -> StageSpec:
             if value is None:
                 return StageSpec()
             allowed = {"config", "overrides", "trainer"} if where.startswith("train.") else {"config", "overrides"}
             if not isinstance(value, dict) or set(value) - allowed:
-                raise ValueError(f"{path}: '{where}' must be a mapping with keys among {sorted(allowed)}")
+                raise UsageError(f"{path}: '{where}' must be a mapping with keys among {sorted(allowed)}")
             return StageSpec(config=value.get("config"), overrides=dict(value.get("overrides") or {}),
                              trainer=value.get("trainer"))
 
@@ -98,18 +104,18 @@ class PipelineConfig:
         config.train = {name: spec(value, f"train.{name}") for name, value in (raw.get("train") or {}).items()}
         missing = [m for m in config.methods if m not in config.train]
         if missing:
-            raise ValueError(f"{path}: methods {missing} have no 'train.<method>' entry naming their base config")
+            raise UsageError(f"{path}: methods {missing} have no 'train.<method>' entry naming their base config")
         bad = [m for m in config.methods if config.trainer_of(m) not in METHODS]
         bad += [m for pair in config.versus for m in pair if m not in config.methods]
         if bad:
-            raise ValueError(f"{path}: unknown methods {bad}; choose from {list(METHODS)}, or name a variant's trainer "
+            raise UsageError(f"{path}: unknown methods {bad}; choose from {list(METHODS)}, or name a variant's trainer "
                              "(train.<name>.trainer); versus names methods of the run")
         unsafe = [m for m in config.methods if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", m) or m == ORIGINAL]
         if unsafe:
-            raise ValueError(f"{path}: method names {unsafe} must be lower-case letters, digits, '_' or '-' (and not "
+            raise UsageError(f"{path}: method names {unsafe} must be lower-case letters, digits, '_' or '-' (and not "
                              f"'{ORIGINAL}'): they name directories")
         if any(len(pair) != 2 for pair in config.versus):
-            raise ValueError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
+            raise UsageError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
         return config
 
     def trainer_of(self, method: str) -> str:
@@ -145,7 +151,7 @@ def _load_base(spec: StageSpec) -> dict[str, Any]:
     if not path.is_absolute() and not path.exists():
         path = _repo_root() / spec.config
     if not path.exists():
-        raise FileNotFoundError(f"stage config {spec.config} not found (looked in the working directory and {_repo_root()})")
+        raise UsageError(f"stage config {spec.config} not found (looked in the working directory and {_repo_root()})")
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -401,7 +407,7 @@ def run_pipeline(config: PipelineConfig, force: bool = False, force_stages: tupl
     names = [stage.name for stage in stages]
     for name in (*force_stages, *only):
         if name not in names:
-            raise ValueError(f"unknown stage {name!r}; stages are {names}")
+            raise UsageError(f"unknown stage {name!r}; stages are {names}")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     finished = {stage.name: _read_record(stage.directory / DONE_MARKER) for stage in stages}

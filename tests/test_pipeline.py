@@ -395,3 +395,17 @@ def test_adpo_run_killed_in_training_resumes_from_its_checkpoint_without_repeati
                               for name in ("killed", "uninterrupted"))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed)
+
+
+def test_a_bad_pipeline_config_exits_2_in_one_line(tmp_path, capsys):
+    from adpo.runtime import run_as_process
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("methods: [fare\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("methodz: [fare]\n")
+    for path, message in ((tmp_path / "absent.yaml", "does not exist"), (bad_yaml, "not valid YAML"),
+                          (unknown, "unknown keys ['methodz']")):
+        assert run_as_process(lambda: pipeline.main(["--config", str(path)])) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("adpo: error: ") and message in error and error.count("\n") == 1
