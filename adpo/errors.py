@@ -62,7 +62,11 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
         path = argv[index + 1] if index + 1 < len(argv) else None
         if path is None or not Path(path).is_file():
             raise UsageError(f"--config {path!r} is not a file; pass the path of a YAML config")
-    parser = TrlParser(list(dataclass_types), prog=prog, description=description)
+    class OneLineParser(TrlParser):
+        def error(self, message: str):  # argparse would print its whole usage, hundreds of keys for a trainer
+            raise UsageError(f"{one_line(message)}; `{prog} --help` lists the keys and their types")
+
+    parser = OneLineParser(list(dataclass_types), prog=prog, description=description)
     try:
         return tuple(parser.parse_args_and_config(argv))
     except UsageError:

@@ -95,6 +95,8 @@ CASES = [
     (adpo_argv, ["--attack_eps", "abc"], "attack_eps='abc' is not a number; write a fraction like 2/255"),
     (adpo_argv, ["--attack_eps", "-1"], "attack_eps='-1' is -1, outside (0, 1]"),
     (adpo_argv, ["--attack_steps", "-3"], "attack_steps=-3; must be >= 1"),
+    (adpo_argv, ["--attack_steps", "abc"], "--attack-steps: invalid int value: 'abc'; `adpo train adpo --help` lists"),
+    (fare_argv, ["--learning_rate", "fast"], "--learning-rate: invalid float value: 'fast'"),
     (adpo_argv, ["--max_steps", "-5"], "max_steps=-5; use -1 to train num_train_epochs, or a number of steps >= 1"),
     (adpo_argv, ["--image_source", "no/such/images"], "image_source='no/such/images' does not exist"),
     (fare_argv, ["--eps", "300/255"], "eps='300/255' is 1.176, outside (0, 1]"),
