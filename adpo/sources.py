@@ -67,6 +67,10 @@ class ImageSource(Sequence[ImageRecord]):
         return self[index].source_id
 
 
+ALLOW_OUTSIDE_ROOT_HELP = ("Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
+                           "dataset's path outside its folder, a folder's symlink out of it); refused by default.")
+
+
 def resolve_inside(root: str | os.PathLike, name: str | os.PathLike, row: str, allow_outside_root: bool = False) -> Path:
     """``root / name`` (``name`` relative to ``root``, or absolute), refused when it leads outside ``root``.
 

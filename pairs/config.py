@@ -14,7 +14,7 @@ from pathlib import Path
 from adpo.errors import UsageError
 from adpo.io import check_writable
 from adpo.prompts import resolve_prompts
-from adpo.sources import check_source
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
 from adpo.threat import EPS_SYNTAX, parse_eps, parse_radius
 
 NORMS = ("linf", "l2")
@@ -51,8 +51,7 @@ class PairsConfig:
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
     allow_outside_root: bool = field(
         default=False,
-        metadata={"help": "Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
-                          "dataset's path outside its folder, a folder's symlink out of it); refused by default."},
+        metadata={"help": ALLOW_OUTSIDE_ROOT_HELP},
     )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(

@@ -1,5 +1,6 @@
 """Every shipped eval config parses into an EvalConfig (the dataclass validates task, schedule, eps)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,6 @@ def test_bad_config_values_name_the_key():
 
 def coco_layout(root, sizes=((40, 20), (20, 30))):
     """The standard COCO layout: annotations/captions_val2014.json beside val2014/ with the image files."""
-    import json
-
     import numpy as np
     from PIL import Image
 
@@ -69,6 +68,18 @@ def test_coco_layout_reads_images_from_image_root(tmp_path):
         load_samples(EvalConfig(task="caption", data=str(annotations), num_samples=2))
     with pytest.raises(ValueError, match="image_root='nowhere' is not a directory"):
         load_samples(EvalConfig(task="caption", data=str(annotations), image_root="nowhere"))
+    # an image root one level above the images' own folder: file names that climb out of it are refused, unless allowed
+    escaping = tmp_path / "coco" / "annotations" / "escaping.json"
+    content = json.loads(annotations.read_text())
+    for image in content["images"]:
+        image["file_name"] = f"../val2014/{image['file_name']}"
+    escaping.write_text(json.dumps(content))
+    inner = tmp_path / "coco" / "annotations"
+    with pytest.raises(ValueError, match="leads outside its root"):
+        load_samples(EvalConfig(task="caption", data=str(escaping), num_samples=2, image_root=str(inner)))
+    allowed, _ = load_samples(EvalConfig(task="caption", data=str(escaping), num_samples=2, image_root=str(inner),
+                                         allow_outside_root=True))
+    assert [s.image.size for s in allowed] == [(40, 20), (20, 30)]
 
 
 def test_prepare_pads_to_square_when_asked(tmp_path):

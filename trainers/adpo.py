@@ -98,7 +98,7 @@ from adpo.runtime import (
     load_lvlm_for_tower_training,
     write_requested_exports,
 )
-from adpo.sources import ImageSource, check_source, open_source, saved_dataset_columns
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source, saved_dataset_columns
 from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_eps, parse_radius
 
 logger = logging.getLogger(__name__)
@@ -177,8 +177,7 @@ class AdPOConfig(DPOConfig):
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
     allow_outside_root: bool = field(
         default=False,
-        metadata={"help": "Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
-                  "dataset's path outside its folder, a folder's symlink out of it); refused by default."},
+        metadata={"help": ALLOW_OUTSIDE_ROOT_HELP},
     )
     max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(

@@ -57,7 +57,7 @@ from adpo.runtime import (
     last_complete_checkpoint,
     write_requested_exports,
 )
-from adpo.sources import ImageRecord, ImageSource, check_source, open_source
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageRecord, ImageSource, check_source, open_source
 from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_radius
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class EncoderTrainingConfig(TrainingArguments):
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding class indices (TeCoA)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
+    allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
     eps: str = field(
         default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world' (the world's)."}
@@ -314,6 +315,7 @@ def load_training_images(config: EncoderTrainingConfig, need_labels: bool = Fals
         labelled=need_labels,
         image_column=config.image_column,
         label_column=config.label_column if need_labels else None,
+        allow_outside_root=config.allow_outside_root,
     )
     if len(source) == 0:
         raise ValueError(f"dataset {config.dataset!r} (split {config.dataset_split!r}) holds no images")

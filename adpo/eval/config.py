@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adpo.errors import UsageError
 from adpo.io import check_writable
-from adpo.sources import check_source
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
 from adpo.threat import EPS_SYNTAX, NORMS, parse_radius
 
 TASKS = ("vqa", "caption", "targeted", "zeroshot")
@@ -40,6 +40,7 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "Split for hub datasets."})
     image_root: str | None = field(default=None, metadata={"help": "COCO .json data: the folder holding the image files "
                                                                    "(e.g. val2014/ beside annotations/); default: the json's folder."})
+    allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     num_samples: int = field(default=64, metadata={"help": "Number of evaluated samples (VQA: questions)."})
     questions_per_image: int = field(default=1, metadata={"help": "VQA on datasets with several questions per image."})
     image_column: str = field(default="image", metadata={"help": "HF datasets: the image column."})

@@ -41,7 +41,8 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
         hf_columns.update(question_column=config.question_column, answers_column=config.answers_column)
     is_world = config.data == "world" or config.data.startswith("world:")
     source = open_source(config.data, split=config.split, n=_images_needed(config), labelled=config.task == "zeroshot",
-                         image_root=config.image_root, **({} if is_world else hf_columns))
+                         image_root=config.image_root, allow_outside_root=config.allow_outside_root,
+                         **({} if is_world else hf_columns))
     samples: list[Sample] = []
     skipped = []
     for index in range(len(source)):
