@@ -62,6 +62,8 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
         path = argv[index + 1] if index + 1 < len(argv) else None
         if path is None or not Path(path).is_file():
             raise UsageError(f"--config {path!r} is not a file; pass the path of a YAML config")
+        _check_yaml_kinds(path, dataclass_types)
+
     class OneLineParser(TrlParser):
         def error(self, message: str):  # argparse would print its whole usage, hundreds of keys for a trainer
             raise UsageError(f"{one_line(message)}; `{prog} --help` lists the keys and their types")
@@ -80,6 +82,42 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
         if unknown is None:
             raise
         raise UsageError(f"unknown key(s) {', '.join(unknown)}; check their spelling (`{prog} --help` lists the keys)") from error
+
+
+# What a YAML value may be for a key of each scalar type (a string is always allowed: argparse converts it, and
+# names the key when it cannot).
+_YAML_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+               "bool": ((bool,), "true or false"), "str": ((str, int, float), "a single value")}
+
+
+def _check_yaml_kinds(path: str, dataclass_types: Iterable[type]) -> None:
+    """Refuse a YAML value of the wrong kind for its key (a list or a mapping where one value goes, a float or a
+    boolean where a whole number goes): argparse converts only strings, so it would reach the config unchecked."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return  # parse_config reports it
+    if not isinstance(content, dict):
+        return
+    kinds = {}
+    for dataclass_type in dataclass_types:
+        for field in dataclasses.fields(dataclass_type):
+            # our annotations are strings ("int", "float | None", "list[str]"); TRL's and transformers' may be types
+            annotation = field.type.__name__ if isinstance(field.type, type) else str(field.type)
+            names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+            if len(names) == 1 and names[0] in _YAML_KINDS:
+                kinds[field.name] = names[0]
+    for key, value in content.items():
+        if key not in kinds or value is None or isinstance(value, str):
+            continue
+        allowed, expected = _YAML_KINDS[kinds[key]]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and kinds[key] != "bool"):
+            raise UsageError(f"{key}={value!r} in {path}: expected {expected}, got a {type(value).__name__}; "
+                             f"write `{key}: <{kinds[key]}>`")
 
 
 def _unknown_keys(message: str) -> list[str] | None:

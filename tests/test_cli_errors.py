@@ -152,6 +152,20 @@ def test_unknown_keys_exit_2_with_one_line(build, inputs, tmp_path, no_model, ca
     assert code == 2 and "must contain a YAML mapping; write one `key: value` per line" in line
 
 
+WRONG_KINDS = [(pairs_argv, "steps: [1, 2]\n", "steps=[1, 2] in"), (fare_argv, "attack_steps: 2.5\n", "expected a whole number, got a float"),
+               (adpo_argv, "attack_steps: {a: 1}\n", "expected a whole number, got a dict"),
+               (adpo_argv, "learning_rate: true\n", "expected a number, got a bool"),
+               (eval_argv, "steps: [10]\n", "expected a whole number, got a list")]
+
+
+@pytest.mark.parametrize("build, content, message", WRONG_KINDS, ids=[c.strip() for _, c, _ in WRONG_KINDS])
+def test_a_yaml_value_of_the_wrong_kind_is_named_in_one_line(build, content, message, inputs, tmp_path, no_model, capsys):
+    config = tmp_path / "kinds.yaml"
+    config.write_text(content)
+    code, line = run_adpo(build(inputs, "--config", str(config)), capsys)
+    assert code == 2 and message in line and "kinds.yaml" in line
+
+
 OUTPUT_KEYS = [(pairs_argv, "output_dir"), (fare_argv, "output_dir"), (adpo_argv, "output_dir"), (eval_argv, "output_dir"),
                (transfer_argv, "out")]
 
