@@ -192,16 +192,18 @@ def merge_shards(output_dir: Path, num_shards: int, features: Features, keep_unc
     cache_dir = output_dir / ".merge_cache"
     shutil.rmtree(cache_dir, ignore_errors=True)  # a cache keyed on file names could outlive a redone shard
     non_empty = [f for f, i in zip(files, range(num_shards)) if read_shard_record(output_dir, i)["num_pairs"] > 0]
-    if non_empty:
-        merged = datasets.Dataset.from_parquet(non_empty, features=features, cache_dir=str(cache_dir))
-    else:
-        merged = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    if not keep_unchanged:
-        merged = merged.filter(lambda differ: differ, input_columns="answers_differ", desc="dropping unchanged pairs")
     target = output_dir / DATASET_DIR
-    with atomic_directory(target) as staging:
-        merged.save_to_disk(str(staging))
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    try:  # the cache is as large as the dataset: a merge that fails (a full disk) must not leave it behind
+        if non_empty:
+            merged = datasets.Dataset.from_parquet(non_empty, features=features, cache_dir=str(cache_dir))
+        else:
+            merged = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+        if not keep_unchanged:
+            merged = merged.filter(lambda differ: differ, input_columns="answers_differ", desc="dropping unchanged pairs")
+        with atomic_directory(target) as staging:
+            merged.save_to_disk(str(staging))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return datasets.load_from_disk(str(target))
 
 

@@ -278,6 +278,30 @@ def test_a_shard_of_only_unreadable_images_merges_cleanly(workspace, tmp_path):
     assert [entry["source_id"] for entry in summary["skipped_images"]] == ["a_bad.png"]
 
 
+def test_a_merge_on_a_full_disk_leaves_no_cache_or_staging_behind_and_a_rerun_finishes(workspace, tmp_path, monkeypatch):
+    import errno
+
+    import datasets
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(images / "a.png")
+    config = make_config(workspace, tmp_path / "out", source=str(images), images_per_shard=1, prompts_per_image=1)
+    save_to_disk = datasets.Dataset.save_to_disk
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(config)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("."))
+    assert left == [], left
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_to_disk)
+    run(config)  # the shards were kept: the rerun only merges
+    assert list(load_pairs(tmp_path / "out")["source_id"]) == ["a.png"]
+
+
 def test_odd_files_are_skipped_and_listed_and_every_output_gets_the_umask_mode(workspace, tmp_path):
     from PIL import ExifTags
 
