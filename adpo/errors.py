@@ -52,7 +52,8 @@ def error_line(error: BaseException) -> str | None:
 def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: str = "adpo",
                  description: str | None = None) -> tuple[Any, ...]:
     """The stage's config dataclasses from ``argv`` (``--config FILE`` YAML, then ``--key value`` overrides), by
-    TRL's TrlParser; a missing or malformed ``--config`` file and unknown keys raise :class:`UsageError`."""
+    TRL's TrlParser. A missing or malformed ``--config`` file, unknown keys, values of the wrong kind and settings
+    that transformers or TRL refuse while the config is built raise :class:`UsageError`."""
     import yaml
     from trl import TrlParser
 
@@ -80,7 +81,8 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
             raise UsageError(one_line(f"{str(error).rstrip('.')}; write one `key: value` per line")) from error
         unknown = _unknown_keys(str(error))
         if unknown is None:
-            raise
+            # building the config ran no model code: a ValueError here is a setting transformers or TRL refuse
+            raise UsageError(one_line(str(error))) from error
         raise UsageError(f"unknown key(s) {', '.join(unknown)}; check their spelling (`{prog} --help` lists the keys)") from error
 
 

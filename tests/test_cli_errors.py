@@ -96,6 +96,8 @@ CASES = [
     (adpo_argv, ["--attack_eps", "-1"], "attack_eps='-1' is -1, outside (0, 1]"),
     (adpo_argv, ["--attack_steps", "-3"], "attack_steps=-3; must be >= 1"),
     (adpo_argv, ["--attack_steps", "abc"], "--attack-steps: invalid int value: 'abc'; `adpo train adpo --help` lists"),
+    # a combination transformers' TrainingArguments refuses when the config is built
+    (fare_argv, ["--load_best_model_at_end", "true", "--save_strategy", "steps", "--eval_strategy", "no"], "load_best_model_at_end"),
     (fare_argv, ["--learning_rate", "fast"], "--learning-rate: invalid float value: 'fast'"),
     (adpo_argv, ["--max_steps", "-5"], "max_steps=-5; use -1 to train num_train_epochs, or a number of steps >= 1"),
     (adpo_argv, ["--image_source", "no/such/images"], "image_source='no/such/images' does not exist"),
