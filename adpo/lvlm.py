@@ -73,6 +73,7 @@ def load_lvlm(
         kwargs["device_map"] = device_map
     if quantization is not None:
         kwargs["quantization_config"] = _quantization_config(quantization)
+    check_weight_files(name_or_path)
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     find_vision_tower(model)  # fail now, with a clear message, if this is not a vision-language model
@@ -618,12 +619,14 @@ def check_weight_files(directory: str | os.PathLike) -> None:
     Reads only each file's header; a hub id (no such directory) is left to from_pretrained."""
     from safetensors import SafetensorError, safe_open
 
+    from adpo.errors import UsageError
+
     for file in sorted(Path(directory).glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt"):
                 pass
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{file} is corrupt or truncated ({str(error).splitlines()[0]}); re-create it by re-running "
+            raise UsageError(f"{file} is corrupt or truncated ({str(error).splitlines()[0]}); re-create it by re-running "
                              "the training or export that wrote it, or download it again") from None
 
 

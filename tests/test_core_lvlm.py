@@ -13,6 +13,7 @@ from adpo.lvlm import (
     find_vision_tower,
     freeze_for_tower_training,
     load_encoder,
+    load_lvlm,
     put_encoder,
     save_encoder,
 )
@@ -199,6 +200,17 @@ def test_a_corrupt_encoder_file_is_named_with_how_to_recreate_it(tiny, tmp_path,
             load()
         message = str(refused.value)
         assert "\n" not in message and str(weights) in message and "re-running the training or export" in message
+
+
+def test_a_corrupt_lvlm_file_is_named_before_transformers_reads_it(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "lvlm")
+    processor.save_pretrained(tmp_path / "lvlm")
+    weights = tmp_path / "lvlm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated") as refused:
+        load_lvlm(str(tmp_path / "lvlm"))
+    assert str(weights) in str(refused.value)
 
 
 def test_a_training_run_directory_stands_for_its_encoder(tiny, tmp_path):
