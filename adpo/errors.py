@@ -88,8 +88,24 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
 
 # What a YAML value may be for a key of each scalar type (a string is always allowed: argparse converts it, and
 # names the key when it cannot).
+_OUR_PACKAGES = ("adpo", "pairs", "trainers", "transfer")
 _YAML_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
                "bool": ((bool,), "true or false"), "str": ((str, int, float), "a single value")}
+
+
+def _scalar_kind(annotation: Any) -> str | None:
+    """"int", "float", "bool" or "str" when ``annotation`` is that type or it or None; else None. Annotations are
+    strings where declared ("float | None") and types once a HfArgumentParser has resolved them in place."""
+    import types
+    import typing
+
+    if isinstance(annotation, str):
+        names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
+    else:
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        members = typing.get_args(annotation) if union else (annotation,)
+        names = [m.__name__ if isinstance(m, type) else str(m) for m in members if m is not type(None)]
+    return names[0] if len(names) == 1 and names[0] in _YAML_KINDS else None
 
 
 def _check_yaml_kinds(path: str, dataclass_types: Iterable[type]) -> None:
@@ -107,12 +123,14 @@ def _check_yaml_kinds(path: str, dataclass_types: Iterable[type]) -> None:
         return
     kinds = {}
     for dataclass_type in dataclass_types:
+        # only the keys this project declares (annotated as strings: "int", "float | None", ...); transformers' and
+        # TRL's own fields accept looser forms (report_to: [] or "none") that their parsers handle
+        ours = {name for klass in dataclass_type.__mro__ if klass.__module__.split(".")[0] in _OUR_PACKAGES
+                for name in vars(klass).get("__annotations__", {})}
         for field in dataclasses.fields(dataclass_type):
-            # our annotations are strings ("int", "float | None", "list[str]"); TRL's and transformers' may be types
-            annotation = field.type.__name__ if isinstance(field.type, type) else str(field.type)
-            names = [part.strip() for part in annotation.split("|") if part.strip() != "None"]
-            if len(names) == 1 and names[0] in _YAML_KINDS:
-                kinds[field.name] = names[0]
+            kind = _scalar_kind(field.type)
+            if field.name in ours and kind is not None:
+                kinds[field.name] = kind
     for key, value in content.items():
         if key not in kinds or value is None or isinstance(value, str):
             continue
