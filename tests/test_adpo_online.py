@@ -143,6 +143,16 @@ def test_sampling_is_seeded_per_step_and_leaves_the_global_generator_alone(tmp_p
     assert any(trainer._generate(pixels, PROMPTS[:1] * 3, seed=s) != first for s in (12, 13, 14))
 
 
+def move_away_from_reference(trainer: AdPOTrainer) -> None:
+    """Perturb the policy tower by the same seeded noise every time, and put the model in training mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in find_vision_tower(trainer.accelerator.unwrap_model(trainer.model)).parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    trainer.model.train()
+
+
 def with_identical_rows(trainer: AdPOTrainer, rows_of_call) -> None:
     """Make the rejected answer equal the chosen one in exactly the given rows (``rows_of_call(call) -> rows``)
     and differ from it in the others, keeping the policy's own answers where they already do."""
@@ -169,13 +179,7 @@ def test_identical_pairs_drop_leaves_them_out_of_pio_but_not_out_of_aio(tmp_path
         trainer = online_trainer(online_config(tmp_path, image_folder, identical_pairs=identical_pairs,
                                                aio_weight=aio_weight))
         with_identical_rows(trainer, lambda call: identical)
-        # A policy away from the reference, so that each pair's PIO differs from log 2.
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for parameter in find_vision_tower(trainer.accelerator.unwrap_model(trainer.model)).parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn_like(parameter) * 0.05)
-        trainer.model.train()
+        move_away_from_reference(trainer)  # so that each pair's PIO differs from log 2
         return trainer.compute_loss(trainer.model, first_batch(trainer)).item()
 
     dropped = loss_of("drop", identical=[0], aio_weight=0.0)
@@ -194,12 +198,7 @@ def test_identical_pairs_drop_leaves_them_out_of_pio_but_not_out_of_aio(tmp_path
 def test_the_anchor_adds_mu_times_the_relative_clean_drift_and_trains_the_tower(tmp_path, image_folder):
     def trainer_away_from_reference(anchor_weight: float) -> AdPOTrainer:
         trainer = online_trainer(online_config(tmp_path, image_folder, anchor_weight=anchor_weight))
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for parameter in find_vision_tower(trainer.accelerator.unwrap_model(trainer.model)).parameters():
-                if parameter.requires_grad:
-                    parameter.add_(torch.randn_like(parameter) * 0.05)
-        trainer.model.train()
+        move_away_from_reference(trainer)  # so that the clean drift is not zero
         return trainer
 
     plain, anchored = trainer_away_from_reference(0.0), trainer_away_from_reference(2.5)
