@@ -13,6 +13,7 @@ root: one that leads outside is refused when the source opens, unless ``allow_ou
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ class ImageSource(Sequence[ImageRecord]):
     class_names: list[str] | None = None
     name: str = "source"
     # files left out when the source opened: ``{"source_id", "reason"}``, as a pairs card lists skipped images
-    skipped: list[dict[str, str]] = []
+    skipped: Sequence[dict[str, str]] = ()
 
     def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]
         if isinstance(index, slice):
@@ -78,10 +79,16 @@ def resolve_inside(root: str | os.PathLike, name: str | os.PathLike, row: str, a
     a run read arbitrary files. ``row`` names the entry in the error; ``allow_outside_root`` lifts the check.
     """
     path = Path(root) / name
-    if not allow_outside_root and not path.resolve().is_relative_to(Path(root).resolve()):
+    if not allow_outside_root and not path.resolve().is_relative_to(_resolved(os.fspath(root))):
         raise ValueError(f"{row}: image path {os.fspath(name)!r} leads outside its root {os.fspath(root)!r}; move the "
                          "image inside it, or set allow_outside_root: true if the data is trusted")
     return path
+
+
+@functools.lru_cache(maxsize=32)
+def _resolved(root: str) -> Path:
+    """``root`` with its symlinks resolved, once per root: a source checks every one of its (maybe a million) files."""
+    return Path(root).resolve()
 
 
 def _printable(name: str) -> str:
