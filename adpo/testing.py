@@ -228,17 +228,17 @@ def template_llava(style: str, seed: int = 0, vision_config: CLIPVisionConfig | 
     return model, processor
 
 
-def launch_two_cpu_processes(trainer_script: str, config, cwd):
-    """Run ``trainers/<trainer_script>`` under ``accelerate launch`` as two CPU processes (gloo) with ``--config
-    config``, the way a multi-device run starts; returns the finished ``subprocess.CompletedProcess``."""
+def launch_two_cpu_processes(trainer_module: str, config, cwd):
+    """Run ``trainer_module`` (e.g. ``trainers.adpo``) under ``accelerate launch -m`` as two CPU processes (gloo) with
+    ``--config config``, the way a multi-device run starts; returns the finished ``subprocess.CompletedProcess``."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    # The checkout under test, also where an editable install of another checkout would win.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(repo / "trainers" / trainer_script), "--config", str(config)]
+               "-m", trainer_module, "--config", str(config)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

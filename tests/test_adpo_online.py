@@ -313,7 +313,7 @@ def test_two_process_gloo_run_with_online_pairs_trains(tmp_path, image_folder):
         "attack_steps: 2\nmax_new_tokens: 4\nidentical_pairs: drop\n"
         "bf16: false\ngradient_checkpointing: false\nlogging_steps: 1\nreport_to: []\nsave_strategy: 'no'\n"
     )
-    result = launch_two_cpu_processes("adpo.py", config, cwd=tmp_path)
+    result = launch_two_cpu_processes("trainers.adpo", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["global_step"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

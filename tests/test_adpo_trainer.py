@@ -264,7 +264,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(tmp_path)
         f"output_dir: {tmp_path / 'ddp'}\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 0.001\n"
         "bf16: false\ngradient_checkpointing: false\nlogging_steps: 1\nreport_to: []\nsave_strategy: 'no'\n"
     )
-    result = launch_two_cpu_processes("adpo.py", config, cwd=tmp_path)
+    result = launch_two_cpu_processes("trainers.adpo", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["global_step"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

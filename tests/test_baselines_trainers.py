@@ -276,7 +276,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
         "attack_steps: 2\nnorm: l2\neps: '0.5'\nattack_step_size: '0.25'\nattack_momentum: 0\n"
         "attack_random_start: false\nsave_strategy: 'no'\ndisable_tqdm: true\n"
     )
-    result = launch_two_cpu_processes("tecoa.py", config, cwd=tmp_path)
+    result = launch_two_cpu_processes("trainers.tecoa", config, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "encoder" / "adpo_card.json").read_text())
     assert card["optimizer_steps"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

@@ -41,7 +41,7 @@ What changes against TRL's DPOTrainer, and why:
   ``adpo transfer``. ``save_lvlm`` adds the whole LVLM at the end, bit-identical outside the tower.
 
 Run: ``adpo train adpo --config configs/adpo/world.yaml`` or
-``accelerate launch trainers/adpo.py --config configs/adpo/paper.yaml``.
+``accelerate launch -m trainers.adpo --config configs/adpo/paper.yaml``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as a script, this file's folder heads sys.path and "adpo" would name this file rather than
-    # the adpo package: drop the folder and put the repository root first.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
 
 import contextlib
 import copy

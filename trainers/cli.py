@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
             prog="adpo train",
             description="Train a robust CLIP vision encoder. Each method reads a YAML config: "
             "adpo train <method> --config configs/<method>/<name>.yaml. Multi-GPU: "
-            "accelerate launch --config_file configs/accelerate/<setup>.yaml trainers/<method>.py --config ...",
+            "accelerate launch --config_file configs/accelerate/<setup>.yaml -m trainers.<method> --config ...",
         )
         parser.add_argument("method", choices=sorted(METHODS), help="; ".join(f"{k}: {v}" for k, v in METHODS.items()))
         parser.parse_args(argv or ["--help"])

@@ -7,7 +7,7 @@ embedding's dimensions (unnormalised) and averaged over the batch; the same dist
 PGD. ``embedding: pooled`` (default) is the published variant; ``embedding: llm`` preserves the patch
 features the LVLM's projector consumes instead.
 
-    accelerate launch trainers/fare.py --config configs/fare/world.yaml
+    accelerate launch -m trainers.fare --config configs/fare/world.yaml
     adpo train fare --config configs/fare/world.yaml
 """
 
@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/fare.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -6,7 +6,7 @@ Unlike FARE the target is the *current* encoder's clean embedding, with the grad
 clean branch (the Siamese, SimSiam-style collapse guard); the cosine ignores embedding norms. For
 ``embedding: llm`` the cosine is taken per patch token and averaged.
 
-    accelerate launch trainers/simclip.py --config configs/simclip/world.yaml
+    accelerate launch -m trainers.simclip --config configs/simclip/world.yaml
     adpo train simclip --config configs/simclip/world.yaml
 """
 
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/simclip.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

@@ -8,7 +8,7 @@ learned one unless set). The inner PGD maximises the same cross-entropy. Needs l
 image folder with one sub-folder per class, a HF dataset with a label column, or the world) and a
 CLIP text tower (any HF ``CLIPModel``; ``world:clip`` in the bundled world).
 
-    accelerate launch trainers/tecoa.py --config configs/tecoa/world.yaml
+    accelerate launch -m trainers.tecoa --config configs/tecoa/world.yaml
     adpo train tecoa --config configs/tecoa/world.yaml
 """
 
@@ -18,11 +18,8 @@ import copy
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/tecoa.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
