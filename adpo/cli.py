@@ -18,11 +18,21 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("trainers.cli", "train a robust vision encoder: adpo | fare | tecoa | simclip"),
     "transfer": ("transfer.cli", "graft a trained encoder into a (larger) LVLM, convert formats, verify"),
     "eval": ("adpo.eval.cli", "evaluate clean and adversarial robustness; write JSON/Markdown reports and plots"),
-    "world": ("adpo.world.cli", "the bundled offline world: build | info | prune | eval | merge"),
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _commands() -> dict[str, tuple[str, str]]:
+    """The stages, then the commands plugins add (the bundled world's ``adpo world``; see :mod:`adpo.plugins`)."""
+    from adpo.plugins import plugins
+
+    commands = dict(STAGES)
+    for name, plugin in plugins().items():
+        if plugin.command:
+            commands.setdefault(name, (plugin.command, plugin.summary))  # a stage's name is never taken over
+    return commands
+
+
+def _parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adpo",
         description=(
@@ -37,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a config error instead of its one line (same as ADPO_DEBUG=1)")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>")
-    for name, (_, help_text) in STAGES.items():
+    for name, (_, help_text) in commands.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -55,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[DEBUG_ENV] = "1"  # read by run_as_process when the stage fails
         argv = argv[1:]
-    parser = _parser()
-    if not argv or argv[0] not in STAGES:
+    commands = _commands()
+    parser = _parser(commands)
+    if not argv or argv[0] not in commands:
         parser.parse_args(argv or ["--help"])  # prints help / version / the unknown-stage error and exits
         return 2
     stage, rest = argv[0], argv[1:]
-    module_name, _ = STAGES[stage]
+    module_name, _ = commands[stage]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:

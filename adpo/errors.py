@@ -57,19 +57,24 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
     import yaml
     from trl import TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    dataclass_types = list(dataclass_types)
+    renames = _deprecated_renames(dataclass_types)
+    argv = _renamed_argv(list(sys.argv[1:] if argv is None else argv), renames)
     if "--config" in argv:
         index = argv.index("--config")
         path = argv[index + 1] if index + 1 < len(argv) else None
         if path is None or not Path(path).is_file():
             raise UsageError(f"--config {path!r} is not a file; pass the path of a YAML config")
-        _check_yaml_kinds(path, dataclass_types)
+        _check_yaml_kinds(path, dataclass_types, renames)
 
     class OneLineParser(TrlParser):
         def error(self, message: str):  # argparse would print its whole usage, hundreds of keys for a trainer
             raise UsageError(f"{one_line(message)}; `{prog} --help` lists the keys and their types")
 
-    parser = OneLineParser(list(dataclass_types), prog=prog, description=description)
+        def set_defaults_with_config(self, **kwargs):  # the YAML's keys, old spellings renamed
+            return super().set_defaults_with_config(**_renamed_keys(kwargs, renames, "--config"))
+
+    parser = OneLineParser(dataclass_types, prog=prog, description=description)
     try:
         return tuple(parser.parse_args_and_config(argv))
     except UsageError:
@@ -84,6 +89,47 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
             # building the config ran no model code: a ValueError here is a setting transformers or TRL refuse
             raise UsageError(one_line(str(error))) from error
         raise UsageError(f"unknown key(s) {', '.join(unknown)}; check their spelling (`{prog} --help` lists the keys)") from error
+
+
+def _deprecated_renames(dataclass_types: Iterable[type]) -> dict[str, str]:
+    """Old key -> new key for the renamed keys these dataclasses declare under their new name only."""
+    import dataclasses
+
+    from adpo.threat import DEPRECATED_THREAT_KEYS
+
+    names = {field.name for dataclass_type in dataclass_types for field in dataclasses.fields(dataclass_type)}
+    return {old: new for old, new in DEPRECATED_THREAT_KEYS.items() if new in names and old not in names}
+
+
+def _warn_renamed(old: str, new: str, where: str) -> None:
+    import warnings
+
+    warnings.warn(f"{where}: the key {old!r} is deprecated; write {new!r} (the same attack key in every stage)",
+                  FutureWarning, stacklevel=4)
+
+
+def _renamed_keys(values: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
+    """``values`` with old keys renamed (a warning each); both spellings at once is a UsageError."""
+    renamed = dict(values)
+    for old, new in renames.items():
+        if old in renamed:
+            if new in renamed:
+                raise UsageError(f"{where}: {old!r} and {new!r} are the same setting; keep only {new!r}")
+            _warn_renamed(old, new, where)
+            renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def _renamed_argv(argv: list[str], renames: dict[str, str]) -> list[str]:
+    """Command-line ``--old value`` / ``--old=value`` as ``--new``, with a warning each."""
+    renamed = []
+    for item in argv:
+        key, equals, value = item.partition("=")
+        if key.startswith("--") and key[2:] in renames:
+            _warn_renamed(key[2:], renames[key[2:]], "command line")
+            item = f"--{renames[key[2:]]}{equals}{value}"
+        renamed.append(item)
+    return renamed
 
 
 # What a YAML value may be for a key of each scalar type (a string is always allowed: argparse converts it, and
@@ -108,7 +154,7 @@ def _scalar_kind(annotation: Any) -> str | None:
     return names[0] if len(names) == 1 and names[0] in _YAML_KINDS else None
 
 
-def _check_yaml_kinds(path: str, dataclass_types: Iterable[type]) -> None:
+def _check_yaml_kinds(path: str, dataclass_types: Iterable[type], renames: dict[str, str]) -> None:
     """Refuse a YAML value of the wrong kind for its key (a list or a mapping where one value goes, a float or a
     boolean where a whole number goes): argparse converts only strings, so it would reach the config unchecked."""
     import dataclasses
@@ -132,6 +178,7 @@ def _check_yaml_kinds(path: str, dataclass_types: Iterable[type]) -> None:
             if field.name in ours and kind is not None:
                 kinds[field.name] = kind
     for key, value in content.items():
+        key = renames.get(key, key)
         if key not in kinds or value is None or isinstance(value, str):
             continue
         allowed, expected = _YAML_KINDS[kinds[key]]

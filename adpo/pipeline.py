@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ import yaml
 
 from adpo.errors import UsageError
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
+from adpo.threat import DEPRECATED_THREAT_KEYS
 
 DONE_MARKER = "STAGE_DONE.json"
 RUNNING_MARKER = "STAGE_RUNNING.json"  # written when a stage starts, removed when it finishes
@@ -58,8 +60,8 @@ class StageSpec:
 @dataclass
 class PipelineConfig:
     output_dir: str = "outputs/quickstart"
-    small_model: str = "world:small"
-    large_model: str = "world:large"
+    small_model: str = ""  # required: the LVLM the encoders are trained on (AdPO) and first scored on
+    large_model: str = ""  # required: the LVLM they are grafted into
     methods: list[str] = field(default_factory=lambda: ["fare", "tecoa", "adpo"])
     seed: int = 0
     eps: str | None = None  # None: each stage's default (the world's working ε for world models)
@@ -116,6 +118,10 @@ class PipelineConfig:
                              f"'{ORIGINAL}'): they name directories")
         if any(len(pair) != 2 for pair in config.versus):
             raise UsageError(f"{path}: versus holds pairs of methods, e.g. [[adpo, fare]]; got {config.versus}")
+        unset = [key for key in ("small_model", "large_model") if not getattr(config, key)]
+        if unset:
+            raise UsageError(f"{path}: set {' and '.join(unset)} (LVLM names or directories; the bundled world's small and "
+                             "large LVLMs in configs/quickstart.yaml)")
         return config
 
     def trainer_of(self, method: str) -> str:
@@ -156,8 +162,19 @@ def _load_base(spec: StageSpec) -> dict[str, Any]:
 
 
 def _merged_config(spec: StageSpec, pipeline_keys: dict[str, Any]) -> dict[str, Any]:
-    # Precedence: base config < pipeline-derived keys (paths, models, seed) < the user's explicit overrides.
-    return {**_load_base(spec), **pipeline_keys, **spec.overrides}
+    # Precedence: base config < pipeline-derived keys (paths, models, seed) < the user's explicit overrides. A key under
+    # its deprecated spelling (eps for attack_eps) is read as the new one, so that the precedence holds for it too.
+    return {**_current_keys(_load_base(spec)), **pipeline_keys, **_current_keys(spec.overrides)}
+
+
+def _current_keys(settings: dict[str, Any]) -> dict[str, Any]:
+    renamed = {}
+    for key, value in settings.items():
+        if key in DEPRECATED_THREAT_KEYS:
+            warnings.warn(f"the stage key {key!r} is deprecated; write {DEPRECATED_THREAT_KEYS[key]!r}", FutureWarning,
+                          stacklevel=3)
+        renamed[DEPRECATED_THREAT_KEYS.get(key, key)] = value
+    return renamed
 
 
 def _command_stage(name: str, directory: Path, command: list[str], settings: dict[str, Any], inputs: tuple[str, ...] = (),
@@ -208,7 +225,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
     pairs_dir = out / "pairs"
     if stored_pairs_methods(config):
         keys = {"model_name_or_path": config.small_model, "output_dir": str(pairs_dir / "run"), "seed": config.seed,
-                **({} if train_eps is None else {"eps": train_eps})}
+                **({} if train_eps is None else {"attack_eps": train_eps})}
         if config.train_images is not None:
             keys["max_images"] = config.train_images
         stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
@@ -228,19 +245,16 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             else:
                 keys["dataset_path"] = str(pairs_dir / "run" / "dataset")
                 inputs = ("pairs",)
-            if train_eps is not None:
-                keys["attack_eps"] = train_eps
-        else:
-            if train_eps is not None:
-                keys["eps"] = train_eps
-            if config.train_images is not None:
-                keys[TRAIN_IMAGES_KEYS[trainer]] = config.train_images
+        elif config.train_images is not None:
+            keys[TRAIN_IMAGES_KEYS[trainer]] = config.train_images
+        if train_eps is not None:
+            keys["attack_eps"] = train_eps
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
                                      inputs, _resume_training))
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-            from adpo.lvlm import encoder_location
+            from adpo.encoder_io import encoder_location
 
             return stage_config | {"encoder": encoder_location(out / "train" / method / "run")}
         return resolve
@@ -272,7 +286,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 keys.update(model=str(out / "transfer" / method / "model"), encoder=None)
                 inputs = (f"transfer-{method}",)
             if config.eps is not None:
-                keys["eps"] = [config.eps]
+                keys["attack_eps"] = [config.eps]
             name = f"eval-{size}-{method}"
             stages.append(_command_stage(name, eval_dir, ["eval"], _merged_config(config.eval, keys), inputs, resolve))
             eval_stages.append(name)
@@ -350,7 +364,7 @@ def _as_recorded(value: Any, output_dir: Path) -> Any:
 def _record(stage: Stage, finished: dict[str, dict | None], output_dir: Path) -> dict[str, Any]:
     """What ``stage`` runs with now: its settings, the weights behind each model they name, and the run of each
     input stage it reads (models made inside the output directory are that stage's outputs)."""
-    from adpo.lvlm import model_identity
+    from adpo.models import model_identity
 
     named = [stage.settings.get(key) for key in MODEL_KEYS]
     models = sorted({name for name in named if isinstance(name, str) and not Path(name).is_relative_to(output_dir)})

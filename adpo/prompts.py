@@ -1,5 +1,5 @@
 """Prompt sets and the seeded choice of prompts per image, shared by pair generation (``adpo pairs``) and
-online AdPO (``pair_source: online``).
+online AdPO (``pair_source: online``), and the evaluation's default task prompts.
 
 The AdPO paper asks open "What is in the image?"-style questions so that the clean answer describes
 the image content the attack then tries to change. A run picks ``prompts_per_image`` distinct
@@ -13,6 +13,9 @@ import random
 from pathlib import Path
 
 from adpo.errors import UsageError
+
+# adpo eval's instruction per task when a config sets no prompt (the world trains its LVLMs' captions on the same one)
+EVAL_TASK_PROMPTS = {"caption": "Provide a short caption for this image.", "targeted": "Describe this image."}
 
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     # the paper's single question

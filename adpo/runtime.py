@@ -74,7 +74,7 @@ def check_training_arguments(args: Any, dtype_keys: Sequence[str] = (), model_ke
     """
     from adpo.errors import UsageError
     from adpo.io import check_writable
-    from adpo.lvlm import resolve_dtype
+    from adpo.models import resolve_dtype
 
     if args.max_steps != -1 and args.max_steps < 1:
         raise UsageError(f"max_steps={args.max_steps}; use -1 to train num_train_epochs, or a number of steps >= 1")
@@ -104,7 +104,8 @@ def load_lvlm_for_tower_training(name_or_path: str, dtype: str | torch.dtype | N
     So the model is loaded as stored, the tower's weights are kept aside in float32, the model is cast and
     the tower gets them back. ``keep_tower_dtype`` trains the tower in ``dtype`` instead (no master weights).
     """
-    from adpo.lvlm import find_vision_tower, load_lvlm, resolve_dtype
+    from adpo.models import load_lvlm, resolve_dtype
+    from adpo.tower import find_vision_tower
 
     model, processor = load_lvlm(name_or_path)
     tower = find_vision_tower(model)
@@ -170,7 +171,8 @@ def write_requested_exports(
       with the trained tower put in, so every tensor outside the tower is bit-identical to the original's.
     """
     from adpo.io import atomic_directory
-    from adpo.lvlm import load_lvlm, put_encoder, resolve_dtype, save_encoder
+    from adpo.encoder_io import put_encoder, save_encoder
+    from adpo.models import load_lvlm, resolve_dtype
 
     out = Path(output_dir)
     if encoder_copy_dtype is not None:

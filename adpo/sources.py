@@ -1,5 +1,5 @@
 """Image sources shared by every stage: an image folder, a Hugging Face dataset, a COCO-style
-annotation file, or the bundled world.
+annotation file, or a plugin's data (the bundled world's, through :mod:`adpo.plugins`).
 
 A source is an indexable sequence of :class:`ImageRecord` with stable ``source_id`` strings, so that
 work can be split across processes by index and resumed. Reading an image never raises: a corrupt or
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from adpo.plugins import data_plugin
 from adpo.preprocess import ImageLoadError, load_rgb
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ def _unlistable(path: Path, relative: str) -> str | None:
     return None
 
 
-def _safe_load(source_id: str, loader: Any) -> tuple[Image.Image | None, str | None]:
+def load_image_or_reason(loader: Any) -> tuple[Image.Image | None, str | None]:
+    """(image, None), or (None, why) for an image that cannot be read: a source reports it instead of failing."""
     try:
         return load_rgb(loader), None
     except ImageLoadError as error:
@@ -155,7 +157,7 @@ class FolderSource(ImageSource):
     def _record(self, index: int) -> ImageRecord:
         path = self.paths[index]
         relative = self.source_id(index)
-        image, error = _safe_load(relative, path)
+        image, error = load_image_or_reason(path)
         label = self.class_names.index(path.relative_to(self.root).parts[0]) if self.class_names else None
         return ImageRecord(source_id=relative, image=image, label=label, error=error)
 
@@ -218,7 +220,7 @@ class HFDatasetSource(ImageSource):
     def _record(self, index: int) -> ImageRecord:
         row = self.dataset[index]
         source_id = self.source_id(index)
-        image, error = _safe_load(source_id, self.external.get(index, row[self.image_column]))
+        image, error = load_image_or_reason(self.external.get(index, row[self.image_column]))
         label = None
         if self.label_column is not None:
             raw = row[self.label_column]
@@ -269,33 +271,8 @@ class CocoSource(ImageSource):
 
     def _record(self, index: int) -> ImageRecord:
         entry = self.images[index]
-        image, error = _safe_load(str(entry["id"]), self.paths[index])
+        image, error = load_image_or_reason(self.paths[index])
         return ImageRecord(source_id=str(entry["id"]), image=image, captions=self.captions.get(entry["id"], []), error=error)
-
-
-class WorldSource(ImageSource):
-    """The bundled world's procedural images with labels, captions and question/answer pairs."""
-
-    def __init__(self, split: str = "train", n: int | None = None, seed: int = 0):
-        from adpo.world import CLASS_NAMES, load_world_dataset
-
-        self.dataset = load_world_dataset(split, n=n, seed=seed)
-        self.class_names = list(CLASS_NAMES)
-        self.name = f"world:{split}"
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def source_id(self, index: int) -> str:
-        return str(self.dataset[index]["id"])
-
-    def _record(self, index: int) -> ImageRecord:
-        row = self.dataset[index]
-        image, error = _safe_load(row["id"], row["image"])
-        return ImageRecord(
-            source_id=row["id"], image=image, label=row["label"], captions=list(row["captions"]),
-            questions=list(row["questions"]), answers=list(row["answers"]), error=error,
-        )
 
 
 def open_source(
@@ -310,16 +287,17 @@ def open_source(
 ) -> ImageSource:
     """Open an image source from a short spec.
 
-    ``world`` or ``world:<split>`` — the bundled world; a directory with ``dataset_info.json`` or
-    ``dataset_dict.json`` — a saved HF dataset; any other directory — an image folder; a ``.json`` file — a
-    COCO annotation file (``image_root`` defaults to its folder); anything else — a hub dataset id.
-    ``n`` keeps the first n records (the world generates exactly n). ``allow_outside_root`` lets image paths in
+    ``<scheme>`` or ``<scheme>:<split>`` — a plugin's data (:mod:`adpo.plugins`, e.g. the bundled world's); a
+    directory with ``dataset_info.json`` or ``dataset_dict.json`` — a saved HF dataset; any other directory — an
+    image folder; a ``.json`` file — a COCO annotation file (``image_root`` defaults to its folder); anything else —
+    a hub dataset id. ``n`` keeps the first n records. ``allow_outside_root`` lets image paths in
     the data lead outside the folder, the dataset directory or ``image_root`` (refused by default).
     """
     path = Path(spec)
-    if spec == "world" or spec.startswith("world:"):
-        world_split = spec.split(":", 1)[1] if ":" in spec else split
-        return WorldSource(world_split, n=n)
+    plugin_data = data_plugin(spec)
+    if plugin_data is not None:
+        plugin, plugin_split = plugin_data
+        return plugin.open_source(plugin_split if plugin_split is not None else split, n)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         source: ImageSource = HFDatasetSource(spec, split=split, allow_outside_root=allow_outside_root, **hf_columns)
     elif path.is_dir():
@@ -329,13 +307,13 @@ def open_source(
             raise FileNotFoundError(f"COCO annotation file {path} does not exist")
         source = CocoSource(path, image_root or path.parent, allow_outside_root=allow_outside_root)
     elif path.exists():
-        raise ValueError(f"cannot read {spec} as an image source: pass a folder, a saved HF dataset, a COCO .json or 'world'")
+        raise ValueError(f"cannot read {spec} as an image source: pass a folder, a saved HF dataset, a COCO .json or a plugin's data")
     else:
         source = HFDatasetSource(spec, split=split, **hf_columns)
     return source if n is None else Truncated(source, n)
 
 
-# Hub dataset ids are "name" or "owner/name"; any other spec that is not the world names a local path.
+# Hub dataset ids are "name" or "owner/name"; any other spec that is not a plugin's data names a local path.
 HUB_ID = re.compile(r"\w[\w.-]*(/[\w.-]+)?")
 
 
@@ -347,12 +325,12 @@ def check_source(spec: str, key: str, split: str | None = None, columns: dict[st
     ``split`` or a column it lacks (``columns``: config key -> column name; None: not used)."""
     from adpo.errors import UsageError
 
-    if spec == "world" or spec.startswith("world:"):
+    if data_plugin(spec) is not None:
         return
     path = Path(spec).expanduser()
     if not path.exists():
         if not HUB_ID.fullmatch(spec) or spec.endswith(".json"):
-            raise UsageError(f"{key}={spec!r} does not exist; pass an existing path, a hub dataset id or 'world'")
+            raise UsageError(f"{key}={spec!r} does not exist; pass an existing path, a hub dataset id or a plugin's data such as the bundled world's")
         if _hub_offline() and not _hub_cached(spec):
             raise UsageError(f"{key}={spec!r} is no local path, and the hub is offline (HF_HUB_OFFLINE / "
                              "HF_DATASETS_OFFLINE) with no cached copy of such a dataset; give an existing path")

@@ -4,7 +4,7 @@ Every attack, every adversarial trainer and every evaluation in adpo uses this o
 "ε = 2/255" means the same thing everywhere:
 
 * images are float tensors ``[B, 3, H, W]`` in **pixel space [0, 1]** (normalisation happens inside the
-  model wrappers of :mod:`adpo.lvlm`, never here);
+  model wrappers of :mod:`adpo.tower`, never here);
 * an adversarial image ``x'`` is admissible iff ``‖x' − x‖_p ≤ ε`` per sample and ``0 ≤ x' ≤ 1``;
 * the attack state is fp32 whatever the model's dtype.
 """
@@ -12,10 +12,12 @@ Every attack, every adversarial trainer and every evaluation in adpo uses this o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from adpo.plugins import named_radius
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
@@ -30,8 +32,8 @@ EPS_SYNTAX = "a fraction like 2/255, a number below 1 like 0.0078, or a whole nu
 
 def parse_eps(value: float | int | str) -> float:
     """ε (or a step size) in [0,1] pixel units, written as a fraction (``"2/255"``), a number below 1 (``0.0078``), a
-    whole number of 255ths (``2``) or ``"world"``: the bundled world's working ε (measured, in
-    ``adpo/world/world.yaml``).
+    whole number of 255ths (``2``) or a plugin's named radius (:func:`adpo.plugins.named_radius`; ``"world"``: the
+    bundled world's working ε).
 
     A number ≥ 1 that is not whole (``1.5``) is refused: it is neither pixels nor 255ths. Raises ValueError for
     anything that is not one of these forms; :func:`parse_radius` adds the range check a config needs.
@@ -40,10 +42,9 @@ def parse_eps(value: float | int | str) -> float:
         raise ValueError(f"{value!r} is not a radius; write {EPS_SYNTAX}")
     if isinstance(value, str):
         text = value.strip()
-        if text.lower() == "world":
-            from adpo.world import world_config  # the world is optional: import it only when named
-
-            return float(world_config()["working_eps"])
+        named = named_radius(text)
+        if named is not None:
+            return named
         if "/" in text:
             numerator, _, denominator = text.partition("/")
             top, bottom = _number(numerator, value), _number(denominator, value)
@@ -206,3 +207,65 @@ class ThreatModel:
         truncated = (levels + delta.trunc()).clamp(0, 255) / 255
         inside = self.contains(rounded, levels / 255)
         return torch.where(inside.view(-1, *([1] * (x.dim() - 1))), rounded, truncated)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attack settings of a stage's config
+# ----------------------------------------------------------------------------------------------------
+# Keys the stages used before ThreatArguments: still read, with a deprecation warning naming the new key.
+DEPRECATED_THREAT_KEYS = {"eps": "attack_eps", "norm": "attack_norm", "steps": "attack_steps",
+                          "step_size": "attack_step_size", "random_start": "attack_random_start"}
+
+
+@dataclass
+class ThreatArguments:
+    """The attack a stage runs, with the same keys in every stage's config (``adpo pairs``, every trainer).
+
+    A stage's config dataclass inherits these fields, as TRL's configs inherit ``TrainingArguments``, and may change a
+    default by declaring the field again (the trainers attack at 2/255 by default, pair generation at the model's
+    plugin radius). ``adpo eval`` sweeps several radii under the same key names. Validation
+    (:meth:`check_threat`) and the :class:`ThreatModel` (:meth:`threat_model`) are written here once.
+    """
+
+    attack_norm: str = field(default="linf", metadata={"help": "Threat-model norm: linf or l2."})
+    attack_eps: str | None = field(default=None, metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or a plugin's "
+                                                                   "named radius (the bundled world's 'world')."})
+    attack_steps: int = field(default=10, metadata={"help": "PGD steps (>= 1)."})
+    attack_step_size: str | None = field(default=None, metadata={"help": "PGD step size (same syntax as attack_eps); "
+                                                                         "default: attack_eps / 4."})
+    attack_random_start: bool = field(default=True, metadata={"help": "Start PGD uniformly in the ball."})
+    attack_momentum: float = field(default=0.0, metadata={"help": "PGD momentum on mean-|g|-normalised gradients "
+                                                                  "(FARE's training attack uses 0.9); 0 = plain PGD."})
+
+    def check_threat(self) -> None:
+        """Raise :class:`adpo.errors.UsageError` naming the first attack setting that cannot be used; radii a YAML file
+        gave as numbers are kept as the strings a config records."""
+        from adpo.errors import UsageError
+
+        for key in ("attack_eps", "attack_step_size"):
+            if getattr(self, key) is not None:
+                setattr(self, key, str(getattr(self, key)))
+
+        if self.attack_norm not in NORMS:
+            raise UsageError(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
+        for key in ("attack_eps", "attack_step_size"):
+            if getattr(self, key) is not None:
+                parse_radius(getattr(self, key), key, self.attack_norm)
+        if self.attack_steps < 1:
+            raise UsageError(f"attack_steps={self.attack_steps}; must be >= 1")
+        if not 0 <= self.attack_momentum < 1:
+            raise UsageError(f"attack_momentum={self.attack_momentum}; must be in [0, 1)")
+
+    def threat_model(self, default_eps: float | None = None) -> ThreatModel:
+        """The ball these settings describe; ``default_eps`` (pixels) when ``attack_eps`` is unset."""
+        from adpo.errors import UsageError
+
+        if self.attack_eps is not None:
+            eps = parse_radius(self.attack_eps, "attack_eps", self.attack_norm)
+        elif default_eps is not None:
+            eps = default_eps
+        else:
+            raise UsageError(f"attack_eps is required: {EPS_SYNTAX}")
+        step_size = None if self.attack_step_size is None else parse_radius(self.attack_step_size, "attack_step_size",
+                                                                              self.attack_norm)
+        return ThreatModel(norm=self.attack_norm, eps=eps, step_size=step_size, random_start=self.attack_random_start)

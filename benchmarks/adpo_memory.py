@@ -75,7 +75,7 @@ def prepare(workdir: Path, text_hidden: int, text_layers: int, batch: int) -> di
     import torch
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
-    from adpo.lvlm import find_vision_tower
+    from adpo.tower import find_vision_tower
     from adpo.preprocess import to_uint8_images
     from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
 
@@ -115,7 +115,7 @@ def worker(variant: str, workdir: Path, device: str, batch: int) -> dict:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
     from trl import DPOConfig, DPOTrainer
 
-    from adpo.lvlm import freeze_for_tower_training
+    from adpo.tower import freeze_for_tower_training
     from trainers.adpo import AdPOConfig, AdPOTrainer
 
     common = dict(

@@ -41,7 +41,7 @@ PAPER_PROMPT = "What is in the image?"
 
 def _load(model_name: str | None):
     if model_name:
-        from adpo.lvlm import load_lvlm
+        from adpo.models import load_lvlm
 
         model, processor = load_lvlm(model_name, dtype="float32")
         return model, processor, PAPER_PROMPT

@@ -17,7 +17,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from adpo.attacks import apgd, pgd
-from adpo.lvlm import VisionTower
+from adpo.tower import VisionTower
 from adpo.objectives import EmbeddingDistance
 from adpo.testing import random_pixels, tiny_image_processor, tiny_vision_config
 from adpo.threat import ThreatModel

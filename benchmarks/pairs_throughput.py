@@ -30,7 +30,7 @@ def build_model(name: str):
 
         # a little larger than the unit-test model so the per-call overhead is not the whole story
         return tiny_llava(seed=0, text_hidden_size=128, text_layers=4, vision_config=tiny_vision_config(image_size=64, patch_size=16, hidden_size=64, layers=4))
-    from adpo.lvlm import load_lvlm
+    from adpo.models import load_lvlm
 
     return load_lvlm(name, dtype="float32")
 

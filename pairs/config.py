@@ -13,11 +13,11 @@ from pathlib import Path
 
 from adpo.errors import UsageError
 from adpo.io import check_writable
+from adpo.plugins import model_plugin
 from adpo.prompts import resolve_prompts
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
-from adpo.threat import EPS_SYNTAX, parse_eps, parse_radius
+from adpo.threat import ThreatArguments, ThreatModel
 
-NORMS = ("linf", "l2")
 EMBEDDINGS = ("pooled", "llm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -30,7 +30,7 @@ NON_CONTENT_FIELDS = frozenset(
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(ThreatArguments):
     # --- model
     model_name_or_path: str = field(
         default="", metadata={"help": "LLaVA-family model: hub id, local directory, or 'world:small' / 'world:large'."}
@@ -66,21 +66,14 @@ class PairsConfig:
     prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line (overrides prompt_set)."})
     prompts_per_image: int = field(default=1, metadata={"help": "Distinct prompts sampled per image with the seed."})
 
-    # --- attack (FARE objective against the original tower)
-    norm: str = field(default="linf", metadata={"help": "Threat-model norm: linf or l2."})
-    eps: str | None = field(
-        default=None,
-        metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}. Default: the world's working eps for 'world:' models, "
-                          "else 2/255 (the paper)."},
-    )
+    # --- attack (FARE objective against the original tower): attack_norm, attack_eps, attack_steps, attack_step_size,
+    # attack_random_start, attack_momentum from ThreatArguments; attack_eps unset: the model's plugin radius (the world's
+    # working ε for its models), else 2/255 (the paper)
     embedding: str = field(
         default="pooled",
         metadata={"help": "Tower output the FARE objective compares: 'pooled' (CLS embedding, as FARE) or 'llm' "
                           "(the patch features the LLM consumes)."},
     )
-    steps: int = field(default=10, metadata={"help": "PGD steps (>= 1)."})
-    step_size: str | None = field(default=None, metadata={"help": "PGD step size (same syntax as eps); default: ThreatModel's (eps/4)."})
-    random_start: bool = field(default=True, metadata={"help": "Start PGD from a random point in the ball."})
     seed: int = field(default=0, metadata={"help": "Seeds prompt choice and PGD random starts."})
 
     # --- decoding
@@ -128,16 +121,9 @@ class PairsConfig:
         if self.prompts_per_image < 1 or self.prompts_per_image > len(prompts):
             raise UsageError(f"prompts_per_image={self.prompts_per_image}; must be in 1..{len(prompts)} (prompts available)")
 
-        if self.norm not in NORMS:
-            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
-        if self.eps is not None:
-            parse_radius(self.eps, "eps", self.norm)
+        self.check_threat()
         if self.embedding not in EMBEDDINGS:
             raise UsageError(f"embedding={self.embedding!r}; use one of {EMBEDDINGS}")
-        if self.steps < 1:
-            raise UsageError(f"steps={self.steps}; must be >= 1")
-        if self.step_size is not None:
-            parse_radius(self.step_size, "step_size", self.norm)
 
         if self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens={self.max_new_tokens}; must be >= 1")
@@ -151,24 +137,21 @@ class PairsConfig:
             raise UsageError("push_to_hub needs hub_repo_id (e.g. 'me/adpo-pairs')")
 
     def resolved_source(self) -> str:
-        """The source spec; world models default to the world's images."""
-        if not self.source and self.model_name_or_path.startswith("world:"):
-            return "world"
+        """The source spec; a plugin's models default to the plugin's data (the world's models: the world's images)."""
+        named = None if self.source else model_plugin(self.model_name_or_path)
+        if named is not None and named[0].default_data:
+            return named[0].default_data
         return self.source
 
     def prompt_list(self) -> list[str]:
         return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)
 
-    def eps_value(self) -> float:
-        """ε in [0,1] pixels: the configured one, else the world's working ε for world models, else 2/255."""
-        if self.eps is not None:
-            return parse_radius(self.eps, "eps", self.norm)
-        if self.model_name_or_path.startswith("world:"):
-            return parse_eps("world")
-        return 2 / 255
-
-    def step_size_value(self) -> float | None:
-        return None if self.step_size is None else parse_radius(self.step_size, "step_size", self.norm)
+    def threat(self) -> ThreatModel:
+        """The attack's ball: ``attack_eps``, else a plugin's radius for its models (the world's working ε), else
+        2/255 (the paper)."""
+        named = model_plugin(self.model_name_or_path)
+        default = float(named[0].radius()) if named is not None and named[0].radius is not None else 2 / 255
+        return self.threat_model(default)
 
     def decoding(self) -> dict:
         """generate() keyword arguments; stored with every pair."""
@@ -180,7 +163,7 @@ class PairsConfig:
     def content_fingerprint(self) -> dict:
         """What decides the dataset's content: the content fields and the weights behind the model name (a
         rebuilt local model or world keeps its name); a resume must match exactly."""
-        from adpo.lvlm import model_identity
+        from adpo.models import model_identity
 
         fields = {k: v for k, v in asdict(self).items() if k not in NON_CONTENT_FIELDS}
         return fields | {"model_weights": model_identity(self.model_name_or_path)}

@@ -34,10 +34,11 @@ from accelerate.utils import parse_flag_from_env
 
 from adpo.attacks import pgd
 from adpo.io import write_json_atomic, write_text_atomic
-from adpo.lvlm import LlavaView, load_lvlm
+from adpo.lvlm import LlavaView
+from adpo.models import load_lvlm
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
-from adpo.threat import ThreatModel
+
 import pairs.shards as shard_files  # write_shard looked up at call time (tests simulate a crash through it)
 from pairs.card import build_summary, render_card
 from pairs.config import PairsConfig
@@ -84,11 +85,11 @@ class PairBatchResult:
 class PairGenerator:
     """Batched pair generation for one loaded model. ``pixels`` are [N, 3, H, W] in [0, 1] from ``to_pixels``."""
 
-    def __init__(self, model, processor, config: PairsConfig, eps: float):
+    def __init__(self, model, processor, config: PairsConfig):
         self.view = LlavaView(model, processor)
         self.tower = self.view.tower
         self.config = config
-        self.threat = ThreatModel(norm=config.norm, eps=eps, step_size=config.step_size_value(), random_start=config.random_start)
+        self.threat = config.threat()
         self.decoding = config.decoding()
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,8 @@ class PairGenerator:
             reference = self._embed(pixels)
         objective = EmbeddingDistance(self._embed, reference, modules=(self.tower,))
         generator = torch.Generator(device=pixels.device).manual_seed(seed)
-        result = pgd(objective, pixels, self.threat, self.config.steps, generator=generator)
+        result = pgd(objective, pixels, self.threat, self.config.attack_steps, momentum=self.config.attack_momentum,
+                     generator=generator)
         adv = self.threat.quantize(result.x_adv, pixels)
         with torch.no_grad():
             distance = objective(adv).float()
@@ -177,7 +179,7 @@ def rows_for_shard(
                 "prompt_index": item.prompt_index,
                 "norm": generator.threat.norm,
                 "eps": generator.threat.eps,
-                "steps": config.steps,
+                "steps": config.attack_steps,
                 "step_size": generator.threat.alpha,
                 "random_start": generator.threat.random_start,
                 "embedding": config.embedding,
@@ -232,7 +234,7 @@ def _cpu_only() -> bool:
 def run(config: PairsConfig) -> dict:
     """Generate (or resume) the run described by ``config``; returns the summary (on every process)."""
     config.validate()
-    eps = config.eps_value()
+    eps = config.threat().eps
     prompts = config.prompt_list()
     # A process whose shards are all finished (e.g. on resume) waits at the final barrier for the others:
     # the default 30-minute collective timeout would kill long runs, hence the long one.
@@ -263,7 +265,7 @@ def run(config: PairsConfig) -> dict:
     todo = [s for s in shards_for_process(shards, state.process_index, state.num_processes) if not shard_is_done(output_dir, s.shard_index)]
     if todo:
         model, processor = _load_model(config, state.device)
-        generator = PairGenerator(model, processor, config, eps)
+        generator = PairGenerator(model, processor, config)
         features = features_for(config.compute_ref_logps)
         bar = tqdm(
             total=sum(len(s.items) for s in todo), unit="pair", desc=f"pairs [process {state.process_index}]",
@@ -288,7 +290,7 @@ def run(config: PairsConfig) -> dict:
         summary = build_summary(
             config=asdict(config),
             eps=eps,
-            step_size=ThreatModel(config.norm, eps, config.step_size_value()).alpha,
+            step_size=config.threat().alpha,
             model_id=config.model_name_or_path,
             prompts=prompts,
             images_planned=len(source.source_ids) + len(source.skipped),

@@ -189,7 +189,7 @@ def answer_in_one_word(model, processor, calibration_pixels, words=ANSWER_WORDS)
 
 def build_lvlm(style: str, vision, text, clip, seed: int, calibration_images):
     """A llava-hf-style LLaVA with ``style``'s tokenizer and template, ``clip``'s tower weights, one-word answers."""
-    from adpo.lvlm import put_encoder
+    from adpo.encoder_io import put_encoder
     from adpo.preprocess import to_pixels
     from adpo.testing import template_llava
 
@@ -280,7 +280,7 @@ def stage_configs(out: Path, width: Width, device: str, dtype: str) -> dict[str,
         "dataloader_num_workers": 0,
     }
     encoder_training = {
-        **common_training, "dataset": str(out / "images"), "eps": EPS, "attack_steps": width.attack_steps,
+        **common_training, "dataset": str(out / "images"), "attack_eps": EPS, "attack_steps": width.attack_steps,
         "attack_step_size": "1/255", "learning_rate": 1.0e-5, "warmup_steps": 0,
     }
     adpo_training = {
@@ -291,7 +291,7 @@ def stage_configs(out: Path, width: Width, device: str, dtype: str) -> dict[str,
     return {
         "pairs": {
             "model_name_or_path": source, "dtype": dtype, "source": str(out / "images"), "pad_to_square": True,
-            "prompt_set": "paper", "eps": EPS, "steps": width.attack_steps, "embedding": "pooled", "seed": 0,
+            "prompt_set": "paper", "attack_eps": EPS, "attack_steps": width.attack_steps, "embedding": "pooled", "seed": 0,
             "max_new_tokens": 4, "batch_size": 2, "images_per_shard": 2, "compute_ref_logps": True,
             "progress": False, "output_dir": str(runs / "pairs"),
             **({"device_map": device} if device == "cuda" else {}),
@@ -326,7 +326,7 @@ def stage_configs(out: Path, width: Width, device: str, dtype: str) -> dict[str,
         "eval": {
             "model": str(runs / "grafted"), "name": "grafted-adpo", "dtype": dtype, "device": device, "task": "vqa",
             "data": str(out / "vqa"), "num_samples": width.images, "question_suffix": VQA_SUFFIX, "max_new_tokens": 4,
-            "eps": [EPS], "steps": width.attack_steps, "precision_schedule": ["bfloat16" if bf16 else "float32"],
+            "attack_eps": [EPS], "attack_steps": width.attack_steps, "precision_schedule": ["bfloat16" if bf16 else "float32"],
             "vqa_targets": [], "step_check_steps": 0, "batch_size": 4, "num_examples": 1, "progress": False,
             "seed": 0, "output_dir": str(runs / "eval"),
         },
@@ -397,7 +397,8 @@ def check_encoding(checks: list, model_dir: Path, questions: list[str], answers:
     """Prompt ids equal the processor's (BOS included); answer labels are the answer and the end-of-turn token."""
     import torch
 
-    from adpo.lvlm import LlavaView, load_lvlm
+    from adpo.lvlm import LlavaView
+    from adpo.models import load_lvlm
 
     model, processor = load_lvlm(str(model_dir), dtype="float32")
     view = LlavaView(model, processor)
@@ -450,7 +451,8 @@ def check_training(checks: list, run: str, run_dir: Path, base_dir: Path, uses: 
     import torch
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    from adpo.lvlm import VisionTower, canonical_encoder_state, unreachable_tower_parameters
+    from adpo.encoder_io import canonical_encoder_state
+    from adpo.tower import VisionTower, unreachable_tower_parameters
 
     original = read_tensors(base_dir)
     tower = canonical_encoder_state(original)
@@ -478,7 +480,7 @@ def check_training(checks: list, run: str, run_dir: Path, base_dir: Path, uses: 
 def check_graft(checks: list, out: Path) -> None:
     import torch
 
-    from adpo.lvlm import canonical_encoder_state
+    from adpo.encoder_io import canonical_encoder_state
 
     target = read_tensors(out / "models" / "mistral-target")
     grafted = read_tensors(out / "runs" / "grafted")

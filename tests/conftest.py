@@ -2,6 +2,10 @@
 
 import importlib.util
 import os
+import sys
+
+if os.environ.get("ADPO_TEST_WITHOUT_WORLD") == "1":
+    sys.modules["adpo.world"] = None  # the bundled world made unimportable: the core must not need it
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

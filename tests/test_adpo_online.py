@@ -11,7 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import CLIPVisionModel, TrainerCallback
 
-from adpo.lvlm import LlavaView, find_vision_tower
+from adpo.lvlm import LlavaView
+from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.sources import open_source
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
@@ -82,7 +83,7 @@ def test_a_step_trains_on_the_current_policys_answers_to_x_and_to_its_fresh_x_ad
     step = trainer.online_pairs
 
     assert step.prompts == batch["prompts"] and torch.equal(step.clean_pixels, batch["clean_pixels"])
-    assert config.threat().contains(step.adv_pixels, step.clean_pixels).all()
+    assert config.threat_model().contains(step.adv_pixels, step.clean_pixels).all()
     assert (step.adv_pixels - step.clean_pixels).abs().max() > 1 / 255
     policy = LlavaView(model, trainer.processor)
     with torch.no_grad():

@@ -13,7 +13,8 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from transformers import CLIPVisionModel
 
 from adpo.losses.preference import aio_loss, pio_loss
-from adpo.lvlm import LlavaView, find_vision_tower
+from adpo.lvlm import LlavaView
+from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
 from trainers.adpo import AdPOConfig, AdPODataCollator, AdPOTrainer, _truncate_left_padded
@@ -232,7 +233,7 @@ def test_online_adversarial_images_lie_in_the_ball_and_evaluation_logs_metrics(t
     trainer = AdPOTrainer(model, config, pairs, processor)
     clean = trainer.data_collator([pairs[i] for i in range(2)])["clean_pixels"]
     adv = trainer._online_adversarial(clean, seed=0)
-    assert config.threat().contains(adv, clean).all()
+    assert config.threat_model().contains(adv, clean).all()
     assert (adv - clean).abs().max() > 1 / 255
     trainer.train()
     assert trainer.state.global_step == 1

@@ -26,9 +26,9 @@ def _parse(method: str, path: Path, *extra: str):
 @pytest.mark.parametrize("method, path", PAPER, ids=[f"{m}/{p.name}" for m, p in PAPER])
 def test_paper_configs_follow_the_published_recipe(method, path):
     config = _parse(method, path)
-    eps = config.threat.eps * 255
+    eps = config.threat_model().eps * 255
     assert round(eps, 6) in (2.0, 4.0) and f"eps{round(eps)}" in path.stem
-    assert config.attack_steps == 10 and config.threat.alpha == pytest.approx(1 / 255)
+    assert config.attack_steps == 10 and config.threat_model().alpha == pytest.approx(1 / 255)
     assert config.learning_rate == pytest.approx(1e-5) and config.weight_decay == pytest.approx(1e-4)
     assert SchedulerType(config.lr_scheduler_type) == SchedulerType.COSINE and 0 < config.warmup_steps < 1
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128
@@ -44,8 +44,8 @@ def test_every_method_ships_eps_2_and_4_for_clip_and_llava():
 
 
 def test_command_line_overrides_the_file():
-    config = _parse("fare", CONFIGS / "fare" / "clip-vit-l14-336-eps2.yaml", "--eps", "4/255", "--embedding", "llm")
-    assert config.threat.eps == pytest.approx(4 / 255) and config.embedding == "llm"
+    config = _parse("fare", CONFIGS / "fare" / "clip-vit-l14-336-eps2.yaml", "--attack_eps", "4/255", "--embedding", "llm")
+    assert config.threat_model().eps == pytest.approx(4 / 255) and config.embedding == "llm"
 
 
 def test_bad_values_are_named():
@@ -58,9 +58,9 @@ def test_world_configs_use_the_world_eps_and_the_world_clip(method):
     from adpo.world import world_config
 
     config = _parse(method, CONFIGS / method / "world.yaml")
-    assert config.threat.eps == pytest.approx(float(world_config()["working_eps"]))
+    assert config.threat_model().eps == pytest.approx(float(world_config()["working_eps"]))
     assert config.model_name_or_path == "world:clip" and config.dataset == "world"
-    assert config.attack_steps == 10 and config.threat.alpha == pytest.approx(1 / 255)
+    assert config.attack_steps == 10 and config.threat_model().alpha == pytest.approx(1 / 255)
     if method == "tecoa":
         assert config.text_model_name_or_path == "world:clip" and config.class_prompt_template == "a photo of a {}"
 

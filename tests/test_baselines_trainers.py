@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPVisionModel, TrainerCallback
 
-from adpo.lvlm import canonical_encoder_state
+from adpo.encoder_io import canonical_encoder_state
 from adpo.testing import launch_two_cpu_processes, tiny_image_processor, tiny_llava, tiny_vision_config
 from adpo.threat import parse_eps
 from adpo.world.clip import WorldClipSize, build_world_clip_config, build_world_processor, build_world_tokenizer
@@ -66,7 +66,7 @@ def assets(tmp_path_factory):
 def _config(cls, assets, out: Path, model: str, images: str, **overrides):
     options = dict(
         model_name_or_path=str(assets[model]), dataset=str(assets[images]), output_dir=str(out),
-        per_device_train_batch_size=4, max_steps=2, attack_steps=2, eps="8/255", attack_step_size="4/255",
+        per_device_train_batch_size=4, max_steps=2, attack_steps=2, attack_eps="8/255", attack_step_size="4/255",
         learning_rate=1e-3, warmup_steps=0, save_strategy="no", logging_steps=1, use_cpu=True,
         disable_tqdm=True, seed=0,
     )
@@ -220,7 +220,7 @@ def test_tecoa_warns_only_when_the_text_towers_clip_weights_really_differ(assets
 
 def test_tecoa_attack_raises_the_cross_entropy(assets, tmp_path):
     trainer = tecoa.build_trainer(_config(tecoa.TecoaConfig, assets, tmp_path / "run", "clip", "images64",
-                                          attack_steps=5, eps="16/255"))
+                                          attack_steps=5, attack_eps="16/255"))
     batch = next(iter(trainer.get_train_dataloader()))
     module = trainer.model
     context = trainer.prepare_batch(module, batch)

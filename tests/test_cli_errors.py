@@ -39,7 +39,7 @@ def inputs(tmp_path):
 def no_model(monkeypatch):
     """Every model loader of every stage fails the test: the errors must come before any of them."""
     import adpo.eval.loading
-    import adpo.lvlm
+    import adpo.models
     import pairs.generate
     import trainers.adpo
     import trainers.fare
@@ -49,7 +49,7 @@ def no_model(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the config was checked")
 
-    for module, name in [(adpo.lvlm, "load_lvlm"), (pairs.generate, "load_lvlm"), (trainers.fare, "load_encoder_for_training"),
+    for module, name in [(adpo.models, "load_lvlm"), (pairs.generate, "load_lvlm"), (trainers.fare, "load_encoder_for_training"),
                          (trainers.tecoa, "load_encoder_for_training"), (trainers.adpo, "load_lvlm_for_tower_training"),
                          (adpo.eval.loading, "prepare"), (transfer.graft, "load_donor")]:
         monkeypatch.setattr(module, name, forbidden)
@@ -78,7 +78,7 @@ def adpo_argv(inputs, *extra):
 
 
 def eval_argv(inputs, *extra):
-    return ["eval", "--model", "world:small", "--output_dir", inputs["out"], *extra]
+    return ["eval", "--model", "world:small", "--data", "world:test", "--output_dir", inputs["out"], *extra]
 
 
 def transfer_argv(inputs, *extra):
@@ -101,8 +101,8 @@ CASES = [
     (fare_argv, ["--learning_rate", "fast"], "--learning-rate: invalid float value: 'fast'"),
     (adpo_argv, ["--max_steps", "-5"], "max_steps=-5; use -1 to train num_train_epochs, or a number of steps >= 1"),
     (adpo_argv, ["--image_source", "no/such/images"], "image_source='no/such/images' does not exist"),
-    (fare_argv, ["--eps", "300/255"], "eps='300/255' is 1.176, outside (0, 1]"),
-    (fare_argv, ["--eps", "1.5"], "eps=1.5 is neither below 1 (pixels) nor a whole number of 255ths"),
+    (fare_argv, ["--attack_eps", "300/255"], "eps='300/255' is 1.176, outside (0, 1]"),
+    (fare_argv, ["--attack_eps", "1.5"], "eps=1.5 is neither below 1 (pixels) nor a whole number of 255ths"),
     (fare_argv, ["--attack_steps", "-3"], "attack_steps=-3; must be >= 1"),
     (fare_argv, ["--max_steps", "-5"], "max_steps=-5"),
     (fare_argv, ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0; must be >= 1"),
@@ -111,11 +111,11 @@ CASES = [
     (fare_argv, ["--dataset", "no/such/images"], "dataset='no/such/images' does not exist"),
     # a relative name that is not there looks like a hub id; offline and not cached it is refused here
     (fare_argv, ["--dataset", "my_images"], "dataset='my_images' is no local path, and the hub is offline"),
-    (pairs_argv, ["--eps", "1.5"], "eps=1.5 is neither below 1 (pixels) nor a whole number of 255ths; write"),
-    (pairs_argv, ["--steps", "0"], "steps=0; must be >= 1"),
+    (pairs_argv, ["--attack_eps", "1.5"], "eps=1.5 is neither below 1 (pixels) nor a whole number of 255ths; write"),
+    (pairs_argv, ["--attack_steps", "0"], "steps=0; must be >= 1"),
     (pairs_argv, ["--source", "no/such/images"], "source='no/such/images' does not exist"),
-    (eval_argv, ["--eps", "2/255", "1.5"], "eps=1.5 is neither below 1"),
-    (eval_argv, ["--steps", "0"], "steps=0 must be >= 1"),
+    (eval_argv, ["--attack_eps", "2/255", "1.5"], "eps=1.5 is neither below 1"),
+    (eval_argv, ["--attack_steps", "0"], "steps=0 must be >= 1"),
     (eval_argv, ["--data", "no/such/data"], "data='no/such/data' does not exist"),
     (transfer_argv, ["--robust_eps", "300/255", "--verify_data", "world:test"], "robust_eps='300/255' is 1.176"),
     (transfer_argv, ["--robust_steps", "0"], "robust_steps=0; must be >= 1"),
@@ -157,7 +157,7 @@ def test_unknown_keys_exit_2_with_one_line(build, inputs, tmp_path, no_model, ca
 WRONG_KINDS = [(pairs_argv, "steps: [1, 2]\n", "steps=[1, 2] in"), (fare_argv, "attack_steps: 2.5\n", "expected a whole number, got a float"),
                (adpo_argv, "attack_steps: {a: 1}\n", "expected a whole number, got a dict"),
                (adpo_argv, "learning_rate: true\n", "expected a number, got a bool"),
-               (eval_argv, "steps: [10]\n", "expected a whole number, got a list")]
+               (eval_argv, "attack_steps: [10]\n", "expected a whole number, got a list")]
 
 
 @pytest.mark.parametrize("build, content, message", WRONG_KINDS, ids=[c.strip() for _, c, _ in WRONG_KINDS])
@@ -198,7 +198,7 @@ def test_debug_keeps_the_traceback(inputs, no_model, monkeypatch):
 def test_adpo_debug_flag_sets_the_debug_variable(inputs, no_model, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "0")  # restored after the test: `adpo --debug` sets it for the whole process
     with pytest.raises(UsageError, match="steps=0"):
-        run_as_process(lambda: adpo_main(["--debug", *pairs_argv(inputs, "--steps", "0")]))
+        run_as_process(lambda: adpo_main(["--debug", *pairs_argv(inputs, "--attack_steps", "0")]))
 
 
 def test_disk_full_is_one_line_and_a_bug_keeps_its_traceback(capsys):
@@ -259,10 +259,10 @@ def test_fuzz_pairs_configs(places, data):
 
     argv = options(model_name_or_path=data.draw(st.sampled_from(["world:small", "./missing-model", ""])),
                    source=data.draw(st.sampled_from(places["source"])), output_dir=data.draw(st.sampled_from(places["out"])),
-                   eps=data.draw(RADII), steps=data.draw(STEPS), norm=data.draw(NORM_NAMES), batch_size=data.draw(STEPS),
+                   attack_eps=data.draw(RADII), attack_steps=data.draw(STEPS), attack_norm=data.draw(NORM_NAMES), batch_size=data.draw(STEPS),
                    max_new_tokens=data.draw(STEPS), prompts_per_image=data.draw(st.integers(-1, 3)))
     if data.draw(st.booleans()):
-        argv += options(step_size=data.draw(RADII))
+        argv += options(attack_step_size=data.draw(RADII))
     check([PairsConfig], argv, PairsConfig.validate)
 
 
@@ -274,7 +274,7 @@ def test_fuzz_fare_configs(places, data):
     argv = options(model_name_or_path="world:clip", dataset=data.draw(st.sampled_from(places["source"])),
                    output_dir=data.draw(st.sampled_from(places["out"])), report_to="none", use_cpu="true",
                    eps=data.draw(RADII), attack_step_size=data.draw(RADII), attack_steps=data.draw(STEPS),
-                   max_steps=data.draw(STEPS), norm=data.draw(NORM_NAMES), per_device_train_batch_size=data.draw(STEPS))
+                   max_steps=data.draw(STEPS), attack_norm=data.draw(NORM_NAMES), per_device_train_batch_size=data.draw(STEPS))
     check([FareConfig], argv)
 
 
@@ -303,9 +303,9 @@ def test_fuzz_eval_configs(places, data):
 
     # a list of epsilons goes through a YAML file, as users write it (on a command line a value may start with '-')
     config = places["root"] / "eval.yaml"
-    config.write_text(yaml.safe_dump({"eps": data.draw(st.lists(RADII, min_size=1, max_size=3))}))
+    config.write_text(yaml.safe_dump({"attack_eps": data.draw(st.lists(RADII, min_size=1, max_size=3))}))
     argv = ["--config", str(config), *options(
         model="world:small", data=data.draw(st.sampled_from(places["source"] + ["world:test"])),
         output_dir=data.draw(st.sampled_from(places["out"])), task=data.draw(st.sampled_from(["vqa", "caption", "seg"])),
-        steps=data.draw(STEPS), num_samples=data.draw(STEPS), step_check_steps=data.draw(STEPS), norm=data.draw(NORM_NAMES))]
+        attack_steps=data.draw(STEPS), num_samples=data.draw(STEPS), step_check_steps=data.draw(STEPS), attack_norm=data.draw(NORM_NAMES))]
     check([EvalConfig], argv)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from adpo.lvlm import canonical_encoder_state
+from adpo.encoder_io import canonical_encoder_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import conformance  # noqa: E402

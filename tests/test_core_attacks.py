@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from adpo.attacks import apgd, apgd_checkpoints, pgd
-from adpo.lvlm import LlavaView, VisionTower, export_encoder
+from adpo.encoder_io import export_encoder
+from adpo.lvlm import LlavaView
+from adpo.tower import VisionTower
 from adpo.objectives import EmbeddingDistance, Evaluation, LanguageModelLoss, Objective, ZeroShotCrossEntropy
 from adpo.testing import random_pixels, tiny_llava
 from adpo.threat import ThreatModel

@@ -49,7 +49,7 @@ def test_eval_plots_and_converted_encoders_follow_the_umask_too(tmp_path):
     import torch
 
     from adpo.eval.plots import Curve, plot_metric_vs_eps
-    from transfer.openclip import save_state_dict_file
+    from adpo.openclip import save_state_dict_file
 
     previous = os.umask(0o027)
     try:

@@ -4,19 +4,10 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from adpo.lvlm import (
-    LlavaView,
-    VisionTower,
-    canonical_encoder_state,
-    export_encoder,
-    find_projector,
-    find_vision_tower,
-    freeze_for_tower_training,
-    load_encoder,
-    load_lvlm,
-    put_encoder,
-    save_encoder,
-)
+from adpo.encoder_io import canonical_encoder_state, export_encoder, load_encoder, put_encoder, save_encoder
+from adpo.lvlm import LlavaView
+from adpo.models import load_lvlm
+from adpo.tower import VisionTower, find_projector, find_vision_tower, freeze_for_tower_training
 from adpo.preprocess import load_rgb, to_pixels
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
 
@@ -214,7 +205,7 @@ def test_a_corrupt_lvlm_file_is_named_before_transformers_reads_it(tiny, tmp_pat
 
 
 def test_a_training_run_directory_stands_for_its_encoder(tiny, tmp_path):
-    from adpo.lvlm import encoder_location
+    from adpo.encoder_io import encoder_location
 
     model, processor = tiny
     run = tmp_path / "run"

@@ -155,7 +155,7 @@ def test_the_report_attacks_every_sample_whose_reference_is_its_own_answer():
         if all(answers) and all(len(view.encode([q], [a]).labels[0].ne(-100).nonzero()) < 8 for q, a in zip(questions, answers)):
             break
     samples = [Sample(f"s{i}", None, q, [a]) for i, (q, a) in enumerate(zip(questions, answers))]
-    config = EvalConfig(model="tiny", task="vqa", eps=["8/255"], steps=3, step_check_steps=0, num_examples=0,
+    config = EvalConfig(model="tiny", data="world:test", task="vqa", attack_eps=["8/255"], attack_steps=3, step_check_steps=0, num_examples=0,
                         precision_schedule=["float32"], batch_size=8, vqa_targets=[], max_new_tokens=8)
     report = run_protocol(config, GenerativeModel(view, 8), samples, pixels, write=False)
     assert report["clean"]["exact_match"] == 1.0

@@ -114,3 +114,26 @@ def test_quantized_adversarial_images_stay_in_the_ball_on_the_uint8_grid(norm, e
     assert torch.equal(stored * 255, (stored * 255).round())
     assert bool(threat.contains(stored, x).all())
     assert (stored - x_adv).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_old_attack_keys_are_read_with_a_warning_naming_the_new_one(tmp_path):
+    from adpo.errors import UsageError, parse_config
+    from adpo.eval.config import EvalConfig
+    from pairs.config import PairsConfig
+
+    config = tmp_path / "eval.yaml"
+    config.write_text('eps: ["4/255"]\nnorm: l2\n')
+    common = ["--config", str(config), "--model", "m", "--data", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    with pytest.warns(FutureWarning, match="'eps' is deprecated; write 'attack_eps'"):
+        (parsed,) = parse_config([EvalConfig], [*common, "--steps=3"])
+    assert (parsed.attack_eps, parsed.attack_norm, parsed.attack_steps) == (["4/255"], "l2", 3)
+    config.write_text('eps: ["4/255"]\nattack_eps: ["2/255"]\n')
+    with pytest.raises(UsageError, match="'eps' and 'attack_eps' are the same setting; keep only 'attack_eps'"):
+        parse_config([EvalConfig], common)
+    # every stage reads the same keys, declared once
+    from adpo.threat import ThreatArguments
+    from trainers.adpo import AdPOConfig
+    from trainers.encoder_trainer import EncoderTrainingConfig
+
+    for stage in (PairsConfig, AdPOConfig, EncoderTrainingConfig):
+        assert issubclass(stage, ThreatArguments)

@@ -20,8 +20,8 @@ def test_eval_config_parses(path, tmp_path):
     data = str(yaml.safe_load(path.read_text())["data"])
     stand_ins = [] if data.startswith("world") else ["--data", str(tmp_path), "--image_root", str(tmp_path)]
     (config,) = TrlParser((EvalConfig,)).parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path / "out"), *stand_ins])
-    assert config.steps >= 1 and config.eps
-    for eps in config.eps:
+    assert config.attack_steps >= 1 and config.attack_eps
+    for eps in config.attack_eps:
         if eps != "world":
             assert 0 < parse_eps(eps) < 1
 

@@ -56,7 +56,7 @@ def vqa_samples(answers):
 
 
 def config(**overrides):
-    defaults = dict(model="tiny", task="vqa", eps=["8/255"], steps=2, precision_schedule=["float32"], batch_size=4,
+    defaults = dict(model="tiny", data="world:test", task="vqa", attack_eps=["8/255"], attack_steps=2, precision_schedule=["float32"], batch_size=4,
                     step_check_steps=1, num_examples=2, progress=False, vqa_targets=[], max_new_tokens=8)
     defaults.update(overrides)
     return EvalConfig(**defaults)
@@ -64,7 +64,7 @@ def config(**overrides):
 
 def test_vqa_protocol_breaks_answers_and_writes_report(view, answered, tmp_path):
     pixels, answers = answered
-    report = run_protocol(config(eps=["2/255", "8/255"]), GenerativeModel(view, 8), vqa_samples(answers), pixels, out_dir=tmp_path)
+    report = run_protocol(config(attack_eps=["2/255", "8/255"]), GenerativeModel(view, 8), vqa_samples(answers), pixels, out_dir=tmp_path)
     assert report["clean"]["exact_match"] == 1.0
     robust = {row["eps_label"]: row["metrics"]["exact_match"] for row in report["robust"]}
     assert robust["8/255"] < 1.0
@@ -135,8 +135,8 @@ def test_outputs_carried_from_a_smaller_epsilon_are_not_attacked_again(view, ans
 
 def test_zero_epsilon_changes_nothing(view, answered):
     pixels, answers = answered
-    zero = config(steps=1, step_check_steps=0)
-    zero.eps = ["0"]  # set after the config's checks, which refuse eps 0 (clean accuracy is reported anyway)
+    zero = config(attack_steps=1, step_check_steps=0)
+    zero.attack_eps = ["0"]  # set after the config's checks, which refuse eps 0 (clean accuracy is reported anyway)
     report = run_protocol(zero, GenerativeModel(view, 8), vqa_samples(answers), pixels, write=False)
     assert report["robust"][0]["metrics"]["exact_match"] == 1.0
 
@@ -172,7 +172,7 @@ def test_later_stages_warm_start_from_the_worst_perturbation(view, answered, mon
 def test_caption_protocol_scores_cider(view, answered, tmp_path):
     pixels, answers = answered
     samples = [Sample(f"c{i}", None, QUESTION, [a, "a red circle on the left"]) for i, a in enumerate(answers)]
-    report = run_protocol(config(task="caption", steps=1, step_check_steps=0, num_examples=0), GenerativeModel(view, 8), samples, pixels, out_dir=tmp_path)
+    report = run_protocol(config(task="caption", attack_steps=1, step_check_steps=0, num_examples=0), GenerativeModel(view, 8), samples, pixels, out_dir=tmp_path)
     assert report["primary_metric"] == "cider" and set(report["clean"]) == {"cider", "bleu4", "rouge_l"}
     assert report["clean"]["cider"] > 0
     for sample in report["samples"]:
@@ -186,7 +186,7 @@ def test_caption_protocol_scores_cider(view, answered, tmp_path):
 def test_targeted_protocol_reports_target_avoided(view, answered):
     pixels, answers = answered
     samples = [Sample(f"t{i}", None, QUESTION, ["maybe"]) for i in range(len(answers))]
-    report = run_protocol(config(task="targeted", target="maybe", steps=2, step_check_steps=0), GenerativeModel(view, 8), samples, pixels, write=False)
+    report = run_protocol(config(task="targeted", target="maybe", attack_steps=2, step_check_steps=0), GenerativeModel(view, 8), samples, pixels, write=False)
     assert report["primary_metric"] == "target_avoided"
     assert 0.0 <= report["robust"][0]["metrics"]["target_avoided"] <= report["clean"]["target_avoided"]
 
@@ -194,7 +194,7 @@ def test_targeted_protocol_reports_target_avoided(view, answered):
 def tiny_zero_shot_model():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from adpo.lvlm import VisionTower
+    from adpo.tower import VisionTower
     from adpo.testing import tiny_image_processor
 
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def test_zero_shot_protocol_runs_ce_and_targeted_passes():
     pixels = random_pixels(6, seed=3)
     predicted = model.logits(pixels).argmax(dim=-1).tolist()
     samples = [Sample(f"z{i}", None, "", [], label=label) for i, label in enumerate(predicted)]
-    report = run_protocol(config(task="zeroshot", steps=5, zeroshot_target_classes=2), model, samples, pixels,
+    report = run_protocol(config(task="zeroshot", attack_steps=5, zeroshot_target_classes=2), model, samples, pixels,
                           class_names=model.class_names, write=False)
     assert report["clean"]["accuracy"] == 1.0
     assert report["robust"][0]["metrics"]["accuracy"] <= 1.0
@@ -244,7 +244,7 @@ def test_cli_end_to_end_and_compare(tmp_path):
     yaml_path = tmp_path / "eval.yaml"
     yaml_path.write_text(
         f"model: {tmp_path / 'model'}\ntask: targeted\ntarget: maybe\ndata: {images}\nnum_samples: 2\neps: ['4/255', '8/255']\n"
-        f"steps: 1\nprecision_schedule: [float32]\nstep_check_steps: 1\nbatch_size: 2\nmax_new_tokens: 4\noutput_dir: {tmp_path / 'run_a'}\n"
+        f"attack_steps: 1\nprecision_schedule: [float32]\nstep_check_steps: 1\nbatch_size: 2\nmax_new_tokens: 4\noutput_dir: {tmp_path / 'run_a'}\n"
     )
     assert main(["--config", str(yaml_path)]) == 0
     assert main(["--config", str(yaml_path), "--output_dir", str(tmp_path / "run_b"), "--name", "second", "--seed", "1"]) == 0
@@ -292,7 +292,7 @@ def test_cli_zeroshot_with_a_clip_model_and_hf_dataset(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "data"))
     argv = ["--task", "zeroshot", "--model", str(tmp_path / "clip"), "--clip_model", str(tmp_path / "clip"), "--data", str(tmp_path / "data"),
-            "--num_samples", "4", "--eps", "8/255", "--steps", "2", "--precision_schedule", "float32", "--step_check_steps", "0",
+            "--num_samples", "4", "--attack_eps", "8/255", "--attack_steps", "2", "--precision_schedule", "float32", "--step_check_steps", "0",
             "--zeroshot_target_classes", "1", "--output_dir", str(tmp_path / "out"), "--no_progress"]
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -340,7 +340,7 @@ class AlwaysRight:
 
 def test_an_attack_that_takes_no_step_on_a_clean_correct_sample_fails_the_report(tmp_path):
     samples = [Sample(f"s{i}", None, QUESTION, ["red"]) for i in range(3)]
-    report = run_protocol(config(eps=["2/255", "8/255"], step_check_steps=0, num_examples=0), AlwaysRight(), samples,
+    report = run_protocol(config(attack_eps=["2/255", "8/255"], step_check_steps=0, num_examples=0), AlwaysRight(), samples,
                           random_pixels(3, seed=0), out_dir=tmp_path)
     assert report["robust"][0]["metrics"]["exact_match"] == 1.0  # the robust score falls back to the clean one
     assert all(sample["robust"][label]["steps"] == 0 for sample in report["samples"] for label in ("2/255", "8/255"))

@@ -13,7 +13,7 @@ def test_world_small_vqa_is_broken_at_the_working_eps(tmp_path):
     out = tmp_path / "world_vqa"
     # APGD-50 on 16 questions, nearer the definition of the working eps (adpo world eval: APGD-50 on 48, where 2
     # survive). On 8 questions one survivor is already 12.5 %, and one of the first 8 survives even APGD-50.
-    argv = ["--config", "configs/eval/world_vqa.yaml", "--eps", "world", "--num_samples", "16", "--steps", "50",
+    argv = ["--config", "configs/eval/world_vqa.yaml", "--attack_eps", "world", "--num_samples", "16", "--attack_steps", "50",
             "--precision_schedule", "float32", "--vqa_targets", "Maybe", "--step_check_steps", "2", "--num_examples", "2",
             "--output_dir", str(out), "--no_progress"]
     assert main(argv) == 0

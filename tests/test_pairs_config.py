@@ -23,10 +23,10 @@ def valid_config(tmp_path, **overrides) -> PairsConfig:
     [
         ({"model_name_or_path": ""}, "model_name_or_path is required"),
         ({"source": ""}, "source is required"),
-        ({"norm": "l1"}, "norm="),
-        ({"eps": "two"}, "eps='two' is not a number"),
-        ({"eps": "0"}, "outside (0, 1]"),
-        ({"steps": -1}, "steps=-1"),
+        ({"attack_norm": "l1"}, "attack_norm="),
+        ({"attack_eps": "two"}, "attack_eps='two' is not a number"),
+        ({"attack_eps": "0"}, "outside (0, 1]"),
+        ({"attack_steps": -1}, "attack_steps=-1"),
         ({"prompt_set": "nope"}, "prompt_set 'nope' is unknown"),
         ({"prompts_per_image": 2}, "prompts_per_image=2"),  # the paper set has one prompt
         ({"prompts": ["a", "a"]}, "duplicates"),
@@ -45,20 +45,20 @@ def test_validate_names_the_bad_key(tmp_path, overrides, message):
 
 
 def test_eps_forms_and_defaults(tmp_path):
-    assert valid_config(tmp_path).eps_value() == pytest.approx(2 / 255)  # the paper's default
-    assert valid_config(tmp_path, eps="4/255").eps_value() == pytest.approx(4 / 255)
-    assert valid_config(tmp_path, eps="4").eps_value() == pytest.approx(4 / 255)  # whole numbers are 255ths
-    assert valid_config(tmp_path, eps="0.01").eps_value() == pytest.approx(0.01)
+    assert valid_config(tmp_path).threat().eps == pytest.approx(2 / 255)  # the paper's default
+    assert valid_config(tmp_path, attack_eps="4/255").threat().eps == pytest.approx(4 / 255)
+    assert valid_config(tmp_path, attack_eps="4").threat().eps == pytest.approx(4 / 255)  # whole numbers are 255ths
+    assert valid_config(tmp_path, attack_eps="0.01").threat().eps == pytest.approx(0.01)
 
 
 def test_yaml_config_with_command_line_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
         f"model_name_or_path: some/model\nsource: {tmp_path}\noutput_dir: {tmp_path / 'out'}\n"
-        "eps: 2/255\nsteps: 5\nprompt_set: describe\nprompts_per_image: 3\n"
+        "attack_eps: 2/255\nattack_steps: 5\nprompt_set: describe\nprompts_per_image: 3\n"
     )
-    config = parse_config(["--config", str(path), "--steps", "7"])
-    assert (config.steps, config.eps, config.prompts_per_image) == (7, "2/255", 3)
+    config = parse_config(["--config", str(path), "--attack_steps", "7"])
+    assert (config.attack_steps, config.attack_eps, config.prompts_per_image) == (7, "2/255", 3)
     config.validate()
 
 
@@ -74,7 +74,7 @@ def test_shipped_configs_parse_and_validate(tmp_path, name):
     config = parse_config(["--config", str(path), *overrides])
     config.validate()
     if name == "llava15_paper":
-        assert (config.eps_value(), config.steps, config.norm, config.prompt_list()) == (pytest.approx(2 / 255), 10, "linf", ["What is in the image?"])
+        assert (config.threat().eps, config.attack_steps, config.attack_norm, config.prompt_list()) == (pytest.approx(2 / 255), 10, "linf", ["What is in the image?"])
     else:
         assert config.resolved_source() == "world" and config.model_name_or_path == "world:small"
 
@@ -87,15 +87,15 @@ def test_unknown_yaml_key_is_refused(tmp_path):
 
 
 def test_config_error_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    import adpo.lvlm
+    import adpo.models
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded despite a config error")
 
-    monkeypatch.setattr(adpo.lvlm, "load_lvlm", forbidden)
+    monkeypatch.setattr(adpo.models, "load_lvlm", forbidden)
     from adpo.runtime import run_as_process
 
-    argv = ["--model_name_or_path", "m", "--source", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--norm", "l3"]
+    argv = ["--model_name_or_path", "m", "--source", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--attack_norm", "l3"]
     assert run_as_process(lambda: main(argv)) == 2
     assert "norm='l3'" in capsys.readouterr().err
 
@@ -135,11 +135,11 @@ def test_resume_with_changed_content_settings_is_refused(tmp_path):
     # output-only settings may change on resume
     relaxed = valid_config(tmp_path, keep_unchanged=False, progress=False)
     assert relaxed.fingerprint_hash() == config.fingerprint_hash()
-    changed = valid_config(tmp_path, steps=3)
+    changed = valid_config(tmp_path, attack_steps=3)
     other = {**manifest, "fingerprint": changed.fingerprint_hash(), "config": changed.content_fingerprint()}
-    with pytest.raises(ValueError, match="changed: steps"):
+    with pytest.raises(ValueError, match="changed: attack_steps"):
         check_or_write_manifest(tmp_path, other, write=True)
-    assert json.loads((tmp_path / "run.json").read_text())["config"]["steps"] == 10
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["attack_steps"] == 10
 
 
 def test_resume_with_rebuilt_model_weights_under_the_same_name_is_refused(tmp_path):

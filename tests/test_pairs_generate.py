@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adpo.lvlm import LlavaView, load_lvlm
+from adpo.lvlm import LlavaView
+from adpo.models import load_lvlm
 from adpo.preprocess import to_pixels
 from adpo.threat import ThreatModel
 from adpo.testing import tiny_llava
@@ -75,7 +76,7 @@ def make_config(workspace: Path, out: Path, **overrides) -> PairsConfig:
         output_dir=str(out),
         prompt_set="describe",
         prompts_per_image=PROMPTS_PER_IMAGE,
-        steps=3,
+        attack_steps=3,
         max_new_tokens=4,
         batch_size=2,
         images_per_shard=3,
@@ -241,8 +242,8 @@ def test_unchanged_pairs_can_be_dropped_and_are_counted(workspace, uninterrupted
 
 def test_resume_with_other_content_settings_is_refused(workspace, uninterrupted):
     out, _, _ = uninterrupted
-    with pytest.raises(ValueError, match="changed: steps"):
-        run(make_config(workspace, out, steps=4))
+    with pytest.raises(ValueError, match="changed: attack_steps"):
+        run(make_config(workspace, out, attack_steps=4))
 
 
 @pytest.mark.distributed

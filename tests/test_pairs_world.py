@@ -20,7 +20,7 @@ def test_world_pairs_use_the_world_eps_and_stay_in_its_ball(tmp_path):
 
     config = parse_config([
         "--config", str(Path(__file__).parents[1] / "configs" / "pairs" / "world.yaml"), "--output_dir", str(tmp_path / "out"), "--max_images", "4",
-        "--prompts_per_image", "1", "--steps", "2", "--max_new_tokens", "6", "--batch_size", "4", "--progress", "false",
+        "--prompts_per_image", "1", "--attack_steps", "2", "--max_new_tokens", "6", "--batch_size", "4", "--progress", "false",
     ])
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,6 +10,8 @@ from adpo import pipeline
 def _config(tmp_path, methods=("fare", "adpo"), eval_samples=2):
     content = {
         "output_dir": str(tmp_path / "out"),
+        "small_model": "world:small",
+        "large_model": "world:large",
         "methods": list(methods),
         "pairs": {"overrides": {"max_images": 4}},
         "train": {m: {"overrides": {"max_steps": 1}} for m in methods},
@@ -149,10 +151,10 @@ def test_a_changed_setting_redoes_the_stages_it_reaches_and_says_why(tmp_path, m
 
 
 def test_new_weights_behind_a_model_name_redo_the_stages_that_load_it(tmp_path, monkeypatch):
-    import adpo.lvlm
+    import adpo.models
 
     weights = {"world:small": "world-1", "world:large": "world-1"}
-    monkeypatch.setattr(adpo.lvlm, "model_identity", lambda name: weights[name])
+    monkeypatch.setattr(adpo.models, "model_identity", lambda name: weights[name])
     monkeypatch.setattr(pipeline, "_adpo", lambda argv: None)
     config = _config(tmp_path)
     pipeline.run_pipeline(config)
@@ -230,7 +232,7 @@ def test_bad_pipeline_configs_name_the_problem(tmp_path):
 def _study_config(tmp_path, **top):
     content = {
         "output_dir": str(tmp_path / "out"),
-        "methods": ["fare", "tecoa", "adpo"],
+        "small_model": "world:small", "large_model": "world:large", "methods": ["fare", "tecoa", "adpo"],
         "eps": "4/255",
         "train_eps": "8/255",
         "train_images": 48,
@@ -254,9 +256,9 @@ def test_online_adpo_needs_no_pairs_stage_and_every_method_gets_one_budget_and_e
     assert "dataset_path" not in trained["adpo"] and trained["adpo"]["max_images"] == 48
     assert trained["adpo"]["attack_eps"] == "8/255"
     assert trained["fare"]["max_train_samples"] == trained["tecoa"]["max_train_samples"] == 48
-    assert trained["fare"]["eps"] == trained["tecoa"]["eps"] == "8/255"
+    assert trained["fare"]["attack_eps"] == trained["tecoa"]["attack_eps"] == "8/255"
     # the evaluation keeps its own eps
-    assert yaml.safe_load((tmp_path / "out/eval/small-adpo/stage_config.yaml").read_text())["eps"] == ["4/255"]
+    assert yaml.safe_load((tmp_path / "out/eval/small-adpo/stage_config.yaml").read_text())["attack_eps"] == ["4/255"]
     compare = calls[-1]
     versus = [compare[i + 1 : i + 3] for i, arg in enumerate(compare) if arg == "--versus"]
     assert versus == [["adpo (small)", "fare (small)"], ["adpo (large)", "fare (large)"]]
@@ -286,7 +288,8 @@ def test_a_variant_method_runs_its_trainer_with_its_own_overrides_and_directorie
     calls = []
     monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
     content = {
-        "output_dir": str(tmp_path / "out"), "methods": ["fare", "adpo", "adpo_anchor"], "versus": [["adpo_anchor", "adpo"]],
+        "output_dir": str(tmp_path / "out"), "small_model": "world:small", "large_model": "world:large",
+        "methods": ["fare", "adpo", "adpo_anchor"], "versus": [["adpo_anchor", "adpo"]],
         "train": {"fare": {"overrides": {"max_steps": 1}},
                   "adpo": {"overrides": {"max_steps": 1, "pair_source": "online"}},
                   "adpo_anchor": {"trainer": "adpo", "overrides": {"max_steps": 1, "pair_source": "online", "anchor_weight": 10}}},
@@ -341,7 +344,7 @@ def test_the_world_study_reuses_its_validation_phase_trainings(tmp_path):
     fare = stages["world_study"]["train-fare"].settings
     assert adpo["max_images"] == fare["max_train_samples"] == 512
     assert adpo["num_train_epochs"] == fare["num_train_epochs"] == stages["world_study"]["train-tecoa"].settings["num_train_epochs"]
-    assert adpo["attack_eps"] == fare["eps"] == "8/255"
+    assert adpo["attack_eps"] == fare["attack_eps"] == "8/255"
     # the remedy differs from the paper's AdPO in its anchor only
     anchored = dict(stages["world_study_anchor_val"]["train-adpo_anchor"].settings)
     assert anchored.pop("anchor_weight") == 10 and anchored.pop("output_dir").endswith("adpo_anchor/run")
@@ -375,7 +378,8 @@ def test_adpo_run_killed_in_training_resumes_from_its_checkpoint_without_repeati
 
     def config_in(name: str) -> pipeline.PipelineConfig:
         content = {
-            "output_dir": str(tmp_path / name), "methods": ["fare"], "eval_large": False,
+            "output_dir": str(tmp_path / name), "small_model": "world:small", "large_model": "world:large",
+            "methods": ["fare"], "eval_large": False,
             "train": {"fare": {"config": "configs/fare/world.yaml", "overrides": {
                 "max_steps": 4, "save_steps": 2, "save_total_limit": 2, "per_device_train_batch_size": 2,
                 "max_train_samples": 8, "attack_steps": 2, "logging_steps": 1, "report_to": "none"}}},

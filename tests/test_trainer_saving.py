@@ -16,7 +16,9 @@ from trl import TrlParser
 
 import adpo.runtime
 from adpo.runtime import load_lvlm_for_tower_training
-from adpo.lvlm import canonical_encoder_state, find_vision_tower, load_lvlm
+from adpo.encoder_io import canonical_encoder_state
+from adpo.models import load_lvlm
+from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.testing import random_pixels, tiny_llava
 from trainers import fare
@@ -186,7 +188,7 @@ def test_a_baseline_with_load_dtype_float16_trains_and_exports_fp32_master_weigh
     args = fare.FareConfig(
         model_name_or_path=str(model_path), load_dtype="float16", dataset=_image_folder(tmp_path, 4),
         output_dir=str(tmp_path / "run"), embedding="llm", per_device_train_batch_size=2, max_steps=2, attack_steps=1,
-        eps="8/255", attack_step_size="4/255", learning_rate=1e-3, warmup_steps=0, save_strategy="steps",
+        attack_eps="8/255", attack_step_size="4/255", learning_rate=1e-3, warmup_steps=0, save_strategy="steps",
         save_steps=2, use_cpu=True, disable_tqdm=True, seed=0, save_lvlm=True,
     )
     trainer = fare.build_trainer(args)

@@ -7,12 +7,13 @@ import torch
 from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
 from adpo.errors import UsageError
-from adpo.lvlm import export_encoder, find_vision_tower, load_encoder, save_encoder
+from adpo.encoder_io import export_encoder, load_encoder, save_encoder
+from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
 from transfer.cli import main
 from transfer.graft import component_hashes
-from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file
+from adpo.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file
 from transfer.realign import RealignConfig, realign_projector
 from transfer.verify import Sample, answer_agreement, feature_shift, robust_vqa_accuracy
 

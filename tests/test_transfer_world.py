@@ -2,7 +2,8 @@
 
 import pytest
 
-from adpo.lvlm import export_encoder, find_vision_tower
+from adpo.encoder_io import export_encoder
+from adpo.tower import find_vision_tower
 from transfer.graft import Donor, graft_encoder, state_hash
 from transfer.verify import answer_agreement, generate_answers, load_samples
 

@@ -20,8 +20,8 @@ from adpo.world.clip import (
     save_world_clip,
     train_world_clip,
     zero_shot_accuracy,
-    zero_shot_classifier,
 )
+from adpo.zeroshot import zero_shot_classifier
 from adpo.world.data import (
     CLASS_NAMES, CLASS_PROMPT_TEMPLATE, captions_for, class_index, generate_world_image, questions_for,
 )
@@ -170,8 +170,8 @@ def test_save_then_load_round_trip(processor, tmp_path):
     loaded, loaded_processor = load_world_clip(tmp_path / "clip")
     assert next(loaded.parameters()).dtype == torch.float32
     assert (tmp_path / "clip" / "training.json").exists()
-    classifier = zero_shot_classifier(loaded, loaded_processor)
-    reference = zero_shot_classifier(model.half().float(), processor)
+    classifier = zero_shot_classifier(loaded, loaded_processor, CLASS_NAMES)
+    reference = zero_shot_classifier(model.half().float(), processor, CLASS_NAMES)
     assert classifier.shape == (len(CLASS_NAMES), TINY.projection_dim)
     torch.testing.assert_close(classifier.norm(dim=-1), torch.ones(len(CLASS_NAMES)))
     torch.testing.assert_close(classifier, reference, atol=2e-3, rtol=0)
@@ -185,7 +185,7 @@ def test_shipped_weights_load():
     model, processor = load_world_clip()
     assert next(model.parameters()).dtype == torch.float32 and not model.training
     assert model.config.vision_config.image_size == 64
-    classifier = zero_shot_classifier(model, processor)
+    classifier = zero_shot_classifier(model, processor, CLASS_NAMES)
     assert classifier.shape == (len(CLASS_NAMES), model.config.projection_dim)
     assert torch.allclose(classifier.norm(dim=1), torch.ones(len(CLASS_NAMES)), atol=1e-5)
     # row c is class c's prompt, and no two classes' prompts collapse onto one direction

@@ -139,7 +139,7 @@ def test_prompt_format_matches_the_core_view_and_the_processor(tiny_world_llava)
 
 
 def test_answer_loss_matches_the_full_llava_forward(tiny_world_llava):
-    from adpo.lvlm import VisionTower
+    from adpo.tower import VisionTower
     from adpo.world.build import _collate, _Tokens, answer_loss
 
     model, processor, _ = tiny_world_llava

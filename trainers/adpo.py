@@ -71,15 +71,9 @@ from adpo.attacks import attack_mode, pgd
 from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import relative_drift_loss
 from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_logps
-from adpo.lvlm import (
-    LlavaView,
-    VisionTower,
-    export_encoder,
-    find_vision_tower,
-    freeze_for_tower_training,
-    put_encoder,
-    save_encoder,
-)
+from adpo.encoder_io import export_encoder, put_encoder, save_encoder
+from adpo.lvlm import LlavaView
+from adpo.tower import VisionTower, find_vision_tower, freeze_for_tower_training
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
@@ -93,7 +87,7 @@ from adpo.runtime import (
     write_requested_exports,
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source, saved_dataset_columns
-from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_eps, parse_radius
+from adpo.threat import EPS_SYNTAX, ThreatArguments
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +108,7 @@ CLIP_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # Configuration
 # ----------------------------------------------------------------------------------------------------
 @dataclass
-class AdPOConfig(DPOConfig):
+class AdPOConfig(DPOConfig, ThreatArguments):
     """TRL's DPOConfig plus what AdPO needs. Defaults differing from DPOConfig follow the paper
     (AdamW lr 1e-5, weight decay 1e-4, 2 epochs); ``beta`` keeps DPO's 0.1."""
 
@@ -219,13 +213,10 @@ class AdPOConfig(DPOConfig):
                   "objective ||φ_θ(x_adv) − φ_orig(x)||² (current tower against the frozen original one). Default: "
                   "what pair_source implies; online adversarial images need pair_source: online."},
     )
-    attack_norm: str = field(default="linf", metadata={"help": "Online attack norm: linf or l2."})
+    # the online attack: ThreatArguments' keys (attack_norm, attack_eps, attack_steps, attack_step_size,
+    # attack_random_start, attack_momentum), at the paper's 2/255 by default
     attack_eps: str = field(default="2/255", metadata={"help": f"Online attack ε in [0,1] pixels: {EPS_SYNTAX}; or 'world' "
                             "(the bundled world's working ε)."})
-    attack_steps: int = field(default=10, metadata={"help": "Online PGD steps (>= 1)."})
-    attack_step_size: str | None = field(default=None, metadata={"help": "Online PGD step size (same syntax as attack_eps; "
-                                         "default ε/4)."})
-    attack_random_start: bool = field(default=True, metadata={"help": "Online PGD starts uniformly in the ball."})
     attack_embedding: str = field(
         default="pooled", metadata={"help": "Tower output the online FARE objective compares: 'pooled' or 'llm'."}
     )
@@ -309,22 +300,14 @@ class AdPOConfig(DPOConfig):
                             "(compute_ref_logps: true) and keep use_stored_ref_logps: true")
         if problems:
             raise UsageError("invalid AdPO config: " + "; ".join(problems))
-        self.attack_eps = str(self.attack_eps)
-        self.attack_step_size = None if self.attack_step_size is None else str(self.attack_step_size)
 
     def _attack_problems(self) -> list[str]:
         """The online attack's settings (checked whatever adv_source says: a config must not hold a bad ε)."""
         problems = []
-        if self.attack_norm not in NORMS:
-            problems.append(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
-        for key in ("attack_eps", "attack_step_size"):
-            if getattr(self, key) is not None:
-                try:
-                    parse_radius(getattr(self, key), key, self.attack_norm)
-                except UsageError as error:
-                    problems.append(str(error))
-        if self.attack_steps < 1:
-            problems.append(f"attack_steps={self.attack_steps}; must be >= 1")
+        try:
+            self.check_threat()
+        except UsageError as error:
+            problems.append(str(error))
         if self.max_length is not None and self.max_length < 1:
             problems.append(f"max_length={self.max_length}; must be >= 1 or unset")
         return problems
@@ -381,11 +364,6 @@ class AdPOConfig(DPOConfig):
         if self.do_sample:
             settings.update(temperature=self.temperature, top_p=self.top_p)
         return settings
-
-    def threat(self) -> ThreatModel:
-        step_size = None if self.attack_step_size is None else parse_eps(self.attack_step_size)
-        return ThreatModel(norm=self.attack_norm, eps=parse_eps(self.attack_eps), step_size=step_size,
-                           random_start=self.attack_random_start)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,7 +539,7 @@ class _SkipStepsWithoutPairs(TrainerCallback):
 class AdPOTrainer(DPOTrainer):
     """DPOTrainer whose policy and reference differ only in the vision tower (see the module docstring).
 
-    ``model`` is a loaded LLaVA-family model (``adpo.lvlm.load_lvlm``) and ``processing_class`` its
+    ``model`` is a loaded LLaVA-family model (``adpo.models.load_lvlm``) and ``processing_class`` its
     processor; the trainer freezes everything but the tower itself (or wraps the tower in LoRA).
     ``train_dataset`` is a pairs dataset (``pair_source: stored``) or rows of images and prompts
     (``online``: :func:`online_images`, or any dataset with ``image`` and ``prompt`` columns).
@@ -815,7 +793,8 @@ class AdPOTrainer(DPOTrainer):
             target = reference_view.embed(clean, which)
         objective = EmbeddingDistance(lambda x: self.view.tower.embed(x, which), target, modules=(self.view.tower,))
         generator = torch.Generator(device=clean.device).manual_seed(seed)
-        result = pgd(objective, clean, self.args.threat(), self.args.attack_steps, generator=generator)
+        result = pgd(objective, clean, self.args.threat_model(), self.args.attack_steps,
+                     momentum=self.args.attack_momentum, generator=generator)
         return result.x_adv.detach()
 
     def _clean_features(self, clean: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -921,7 +900,7 @@ class AdPOTrainer(DPOTrainer):
             "select_strategy": self.view.tower.select_strategy,
         }
         if args.adv_source == "online":
-            threat = args.threat()
+            threat = args.threat_model()
             card["attack"] = {"norm": args.attack_norm, "eps": threat.eps, "steps": args.attack_steps,
                               "step_size": threat.step_size, "embedding": args.attack_embedding}
         if args.pair_source == "online":
@@ -978,7 +957,7 @@ def _tower_slot(model: nn.Module) -> tuple[nn.Module, str]:
 def _lora_targets(model: nn.Module, processor: Any, names: Sequence[str]) -> list[str]:
     """Full module names of the tower's linear layers named in ``names`` that the LLM's features depend on
     (layers past the feature layer never receive a gradient, so they get no adapter)."""
-    from adpo.lvlm import unreachable_tower_parameters
+    from adpo.tower import unreachable_tower_parameters
 
     tower = find_vision_tower(model)
     unreachable = set(unreachable_tower_parameters(VisionTower.from_lvlm(model, processor), uses=("llm",)))

@@ -11,7 +11,7 @@ What is trained is always a CLIP vision encoder, whether it was given standalone
 (``llava-hf/...``, ``world:small``): the LVLM's tower is copied out as a ``CLIPVisionModel`` with the
 LVLM's feature layer and CLS strategy, and the language model is dropped (none of these objectives
 uses it). Every checkpoint and the final result hold the trained encoder in the interchange format
-under ``encoder/`` (:func:`adpo.lvlm.save_encoder`: a float32 ``CLIPVisionModel`` directory plus a card
+under ``encoder/`` (:func:`adpo.encoder_io.save_encoder`: a float32 ``CLIPVisionModel`` directory plus a card
 saying how it was trained), so any of them drops into ``adpo transfer`` and ``adpo eval``; checkpoints add
 the Trainer's optimizer, scheduler, RNG and trainer state. The encoder trains in float32 (master weights;
 ``bf16``/``fp16`` autocast the matmuls) unless ``model_dtype`` says otherwise.
@@ -29,26 +29,24 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, CLIPModel, CLIPVisionModel, Trainer, TrainingArguments
+from transformers import CLIPVisionModel, Trainer, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 import adpo
 from adpo.attacks import AttackResult, pgd
 from adpo.errors import UsageError
-from adpo.lvlm import (
-    VisionTower,
-    canonical_encoder_state,
-    export_encoder,
-    feature_selection,
-    load_encoder,
-    load_lvlm,
-    put_encoder,
+from adpo.encoder_io import canonical_encoder_state, load_encoder, put_encoder, save_encoder
+from adpo.models import (
+    CLIP_MODEL_TYPES,
+    ENCODER_MODEL_TYPES,
+    LoadedEncoder,
+    load_vision_encoder,
+    model_type_of,
     resolve_dtype,
-    save_encoder,
-    unreachable_tower_parameters,
 )
+from adpo.tower import VisionTower, unreachable_tower_parameters
 from adpo.objectives import Objective
-from adpo.preprocess import image_processor_of, to_pixels
+from adpo.preprocess import to_pixels
 from adpo.runtime import (
     ENCODER_DIRNAME,
     check_training_arguments,
@@ -58,19 +56,18 @@ from adpo.runtime import (
     write_requested_exports,
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageRecord, ImageSource, check_source, open_source
-from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_radius
+from adpo.threat import EPS_SYNTAX, ThreatArguments
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = ("pooled", "llm")
-WORLD_CLIP = "world:clip"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------
 @dataclass
-class EncoderTrainingConfig(TrainingArguments):
+class EncoderTrainingConfig(TrainingArguments, ThreatArguments):
     """Options shared by FARE, TeCoA and Sim-CLIP, on top of :class:`transformers.TrainingArguments`.
 
     Defaults follow the published recipe (FARE, Schlarmann et al. 2024; TeCoA, Mao et al. 2023):
@@ -106,16 +103,13 @@ class EncoderTrainingConfig(TrainingArguments):
     label_column: str = field(default="label", metadata={"help": "Column holding class indices (TeCoA)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
     allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
-    norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
-    eps: str = field(
-        default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world' (the world's)."}
-    )
-    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack (>= 1)."})
-    attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as eps)."})
+    # the attack (ThreatArguments' keys), with the published recipe's defaults: PGD-10, ε 2/255, step 1/255, and the
+    # momentum of FARE's training code
+    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world' (the world's)."})
+    attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     attack_momentum: float = field(
         default=0.9, metadata={"help": "PGD momentum on mean-|g|-normalised gradients (FARE's training code); 0 = plain."}
     )
-    attack_random_start: bool = field(default=True, metadata={"help": "Start the attack uniformly in the ball."})
     model_dtype: str | None = field(
         default=None,
         metadata={"help": "dtype of the trained encoder's weights: float32 master weights if unset (use bf16: true "
@@ -163,12 +157,7 @@ class EncoderTrainingConfig(TrainingArguments):
             raise UsageError("output_dir is required: where checkpoints and the final encoder are written")
         if self.embedding not in EMBEDDINGS:
             raise UsageError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        if self.norm not in NORMS:
-            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
-        parse_radius(self.eps, "eps", self.norm)
-        parse_radius(self.attack_step_size, "attack_step_size", self.norm)
-        if self.attack_steps < 1:
-            raise UsageError(f"attack_steps={self.attack_steps}; must be >= 1")
+        self.check_threat()
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise UsageError(f"max_train_samples={self.max_train_samples}; must be >= 1 or unset")
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
@@ -177,14 +166,6 @@ class EncoderTrainingConfig(TrainingArguments):
         fit_precision_to_device(self, ("model_dtype", "load_dtype"))
         super().__post_init__()
 
-    @property
-    def threat(self) -> ThreatModel:
-        return ThreatModel(
-            norm=self.norm,
-            eps=parse_radius(self.eps, "eps", self.norm),
-            step_size=parse_radius(self.attack_step_size, "attack_step_size", self.norm),
-            random_start=self.attack_random_start,
-        )
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
@@ -219,77 +200,22 @@ class TowerEmbedding(nn.Module):
         return embedding if self.head is None else self.head(embedding.to(self.head.weight.dtype))
 
 
-@dataclass
-class LoadedEncoder:
-    """An encoder ready for training, with what is needed to see it as an LLM sees it."""
-
-    encoder: CLIPVisionModel
-    image_processor: Any
-    feature_layer: int | list[int]
-    select_strategy: str
-    source: dict  # for the card: where it came from
-    clip_model: CLIPModel | None = None  # set when the source was a full CLIPModel (its text tower serves TeCoA)
-    clip_processor: Any = None  # its processor (tokenizer for the class prompts)
-
-
-def _vision_part(clip: CLIPModel) -> CLIPVisionModel:
-    encoder = CLIPVisionModel(clip.config.vision_config)
-    put_encoder(encoder, {k: v for k, v in clip.state_dict().items() if k.startswith("vision_model.")})
-    return encoder.to(clip.dtype)
-
-
 def load_encoder_for_training(config: EncoderTrainingConfig) -> LoadedEncoder:
-    """Load ``config.model_name_or_path`` as a standalone CLIPVisionModel plus its preprocessing."""
+    """Load ``config.model_name_or_path`` as a standalone CLIPVisionModel plus its preprocessing
+    (:func:`adpo.models.load_vision_encoder`), with the config's feature layer and strategy when set."""
     name = config.model_name_or_path
-    dtype = resolve_dtype(config.model_dtype) or torch.float32
-    feature_layer, strategy = -2, "default"
-    clip_model = clip_processor = None
-    if name == WORLD_CLIP:
-        model_type = "clip"
-    else:
-        model_type = None if name.startswith("world:") else _model_type(name, config.trust_remote_code)
-    if config.save_lvlm and model_type in ("clip", "clip_vision_model"):
-        raise ValueError(f"save_lvlm: true writes an LVLM with the trained tower, but {name!r} is a standalone CLIP "
+    if config.save_lvlm and model_type_of(name, config.trust_remote_code) in (*ENCODER_MODEL_TYPES, *CLIP_MODEL_TYPES):
+        raise UsageError(f"save_lvlm: true writes an LVLM with the trained tower, but {name!r} is a standalone CLIP "
                          "model; set save_lvlm: false (the encoder is written to <output_dir>/encoder either way)")
-    if name == WORLD_CLIP:
-        from adpo.world.clip import load_world_clip
-
-        clip_model, processor = load_world_clip()
-        encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
-    else:
-        if model_type == "clip_vision_model":
-            from transformers import AutoImageProcessor
-
-            encoder, kind = CLIPVisionModel.from_pretrained(name, dtype=dtype), "clip_vision_model"
-            processor = AutoImageProcessor.from_pretrained(name)
-        elif model_type == "clip":
-            from transformers import AutoProcessor
-
-            clip_model = CLIPModel.from_pretrained(name, dtype=dtype)
-            processor = AutoProcessor.from_pretrained(name)
-            encoder, kind, clip_processor = _vision_part(clip_model), "clip", processor
-        else:
-            lvlm, processor = load_lvlm(name, dtype=config.load_dtype, trust_remote_code=config.trust_remote_code)
-            feature_layer, strategy = feature_selection(lvlm)
-            encoder, kind = export_encoder(lvlm), "lvlm"
-            del lvlm  # the language model is not used by encoder-only objectives
+    loaded = load_vision_encoder(name, dtype=resolve_dtype(config.model_dtype) or torch.float32,
+                                 load_dtype=config.load_dtype, trust_remote_code=config.trust_remote_code)
     if config.feature_layer is not None:
-        feature_layer = config.feature_layer
+        loaded.feature_layer = config.feature_layer
     if config.select_strategy is not None:
-        strategy = config.select_strategy
-    encoder = encoder.to(dtype)
-    source = {"base_model": name, "base_kind": kind, "feature_layer": feature_layer, "select_strategy": strategy}
-    return LoadedEncoder(encoder, image_processor_of(processor), feature_layer, strategy, source, clip_model, clip_processor)
-
-
-def _model_type(name: str, trust_remote_code: bool) -> str | None:
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"cannot read a model config from {name!r} ({error}); pass a CLIPVisionModel/CLIPModel/LVLM directory, "
-            "a hub id, 'world:clip' or 'world:small'"
-        ) from error
+        loaded.select_strategy = config.select_strategy
+    loaded.record = {"base_model": name, "base_kind": loaded.kind, "feature_layer": loaded.feature_layer,
+                     "select_strategy": loaded.select_strategy}
+    return loaded
 
 
 def build_tower_embedding(loaded: LoadedEncoder, embedding: str, head: nn.Module | None = None) -> TowerEmbedding:
@@ -389,7 +315,7 @@ class EncoderAdversarialTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.image_processor = image_processor
         self.source = dict(source or {})
-        self.threat = args.threat
+        self.threat = args.threat_model()
         if self.zero_gradient_at_clean and not args.attack_random_start:
             logger.warning("%s's attack objective has zero gradient at the clean image: without attack_random_start "
                            "PGD cannot leave it and training sees no adversarial images", self.method)

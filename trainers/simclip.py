@@ -61,7 +61,7 @@ def build_trainer(config: SimClipConfig, train_dataset=None) -> SimClipTrainer:
     if train_dataset is None:
         train_dataset = load_training_images(config)
     return SimClipTrainer(model, config, train_dataset=train_dataset, image_processor=loaded.image_processor,
-                          source=loaded.source)
+                          source=loaded.record)
 
 
 def main(argv: list[str] | None = None) -> int:

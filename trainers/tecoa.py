@@ -20,20 +20,18 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
 from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import tecoa_loss
+from adpo.models import LoadedEncoder, load_clip
 from adpo.objectives import ZeroShotCrossEntropy
-from adpo.world.clip import zero_shot_classifier
+from adpo.zeroshot import zero_shot_classifier
 from trainers.encoder_trainer import (
-    WORLD_CLIP,
     EncoderAdversarialTrainer,
     EncoderTrainingConfig,
-    LoadedEncoder,
     TowerEmbedding,
     build_tower_embedding,
     load_encoder_for_training,
@@ -125,13 +123,8 @@ def load_text_tower(config: TecoaConfig, loaded: LoadedEncoder) -> tuple[CLIPMod
                 "CLIPModel the encoder comes from (e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5, 'world:clip')"
             )
         return loaded.clip_model, loaded.clip_processor
-    if name == WORLD_CLIP:
-        from adpo.world.clip import load_world_clip
-
-        return load_world_clip()
-    from transformers import AutoProcessor
-
-    return CLIPModel.from_pretrained(name).eval(), AutoProcessor.from_pretrained(name)
+    clip, processor = load_clip(name)
+    return clip.eval(), processor
 
 
 def _warn_if_different_vision_weights(clip: CLIPModel, loaded: LoadedEncoder) -> None:
@@ -174,7 +167,7 @@ def build_trainer(config: TecoaConfig, train_dataset=None) -> TecoaTrainer:
     del clip
     return TecoaTrainer(model, config, class_embeddings=class_embeddings, logit_scale=logit_scale,
                         class_names=list(class_names), train_dataset=train_dataset,
-                        image_processor=loaded.image_processor, source=loaded.source)
+                        image_processor=loaded.image_processor, source=loaded.record)
 
 
 def main(argv: list[str] | None = None) -> int:

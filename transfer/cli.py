@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 def validate(config: TransferConfig) -> None:
     """Every check that needs no model, run before the target loads: a UsageError naming the key and the fix."""
     from adpo.io import check_writable
+    from adpo.plugins import data_plugin
     from adpo.sources import check_source
     from adpo.threat import NORMS, parse_radius
 
@@ -119,8 +120,7 @@ def validate(config: TransferConfig) -> None:
         raise UsageError("realign_out needs realign_data (caption data other than the verification images, e.g. world:train)")
     if bool(config.question_column) != bool(config.answers_column):
         raise UsageError("set both question_column and answers_column (the VQA columns of verify_data), or neither")
-    verify_is_world = bool(config.verify_data) and (config.verify_data == "world" or config.verify_data.startswith("world:"))
-    if config.robust_eps and config.verify_data and not (verify_is_world or config.answers_column):
+    if config.robust_eps and config.verify_data and not (data_plugin(config.verify_data) or config.answers_column):
         raise UsageError(f"robust_eps needs reference answers but verify_data {config.verify_data!r} has none named: set "
                          "question_column and answers_column to its VQA columns (a saved HF dataset), use world:SPLIT, "
                          "or drop robust_eps")
@@ -148,7 +148,9 @@ def validate(config: TransferConfig) -> None:
 
 
 def transfer(config: TransferConfig) -> int:
-    from adpo.lvlm import LlavaView, VisionTower, load_lvlm
+    from adpo.lvlm import LlavaView
+    from adpo.models import load_lvlm
+    from adpo.tower import VisionTower
     from transfer.geometry import GraftOptions
     from transfer.graft import check_donor, graft_encoder, grafted_summary, load_donor, save_grafted
     from transfer.realign import RealignConfig, realign_projector
@@ -235,8 +237,8 @@ def convert(config: ConvertConfig) -> int:
     from transformers import CLIPImageProcessor
 
     from adpo.io import check_writable
-    from adpo.lvlm import load_encoder, save_encoder
-    from transfer.openclip import clip_vision_model_to_openclip, load_state_dict_file, openclip_to_clip_vision_model, save_state_dict_file
+    from adpo.encoder_io import load_encoder, save_encoder
+    from adpo.openclip import clip_vision_model_to_openclip, load_state_dict_file, openclip_to_clip_vision_model, save_state_dict_file
 
     if bool(config.from_open_clip) == bool(config.to_open_clip):
         raise UsageError("pass exactly one of --from-open-clip FILE or --to-open-clip DIR")

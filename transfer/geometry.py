@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adpo.lvlm import canonical_encoder_state, feature_selection, find_vision_tower
+from adpo.encoder_io import canonical_encoder_state
+from adpo.tower import feature_selection, find_vision_tower
 from adpo.preprocess import image_processor_of
 
 NORMALISATION_TOLERANCE = 1e-6

@@ -17,22 +17,13 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from adpo.errors import UsageError
 from adpo.io import atomic_directory
-from adpo.lvlm import (
-    WORLD_PREFIX,
-    canonical_encoder_state,
-    encoder_location,
-    export_encoder,
-    find_vision_tower,
-    load_encoder,
-    load_lvlm,
-    put_encoder,
-)
-from adpo.preprocess import image_processor_of
+from adpo.encoder_io import canonical_encoder_state, put_encoder
+from adpo.models import load_vision_encoder
+from adpo.tower import find_vision_tower
 from transfer.geometry import (
     GeometryReport,
     GraftOptions,
@@ -41,12 +32,11 @@ from transfer.geometry import (
     check_geometry,
     vision_config_updates,
 )
-from transfer.openclip import load_state_dict_file, openclip_to_clip_vision_model
 
 REPORT_JSON, REPORT_MD = "graft_report.json", "graft_report.md"
 COMPONENTS = ("vision_tower", "projector", "language_model")
-# config model types whose directory is read as a standalone encoder (anything else: an LVLM)
-ENCODER_MODEL_TYPES = ("clip_vision_model", "clip")
+# how a graft report names each kind of source adpo.models reads an encoder from
+DONOR_KINDS = {"clip_vision_model": "encoder directory", "clip": "clip model tower", "lvlm": "lvlm tower", "open_clip": "open_clip state dict"}
 
 
 @dataclass
@@ -77,60 +67,13 @@ def load_donor(
     LLaVA directory or hub id) whose tower is exported. ``activation``/``num_attention_heads`` are needed
     for open_clip files only; ``image_mean``/``image_std`` override what the donor ships. A trainer's run
     directory stands for the encoder it wrote in ``encoder/``."""
-    text = encoder_location(source)
-    path = Path(text)
-    record: dict[str, Any] = {"source": text}
-    processor = None
-    model_type = _model_type(path) if path.exists() or text.startswith(WORLD_PREFIX) else _hub_model_type(text)
-    if text.startswith(WORLD_PREFIX) or model_type not in (None, *ENCODER_MODEL_TYPES):
-        model, lvlm_processor = load_lvlm(text)
-        encoder = export_encoder(model).float()
-        processor = image_processor_of(lvlm_processor)
-        record["kind"] = "lvlm tower"
-        del model
-    elif path.is_dir() or model_type in ENCODER_MODEL_TYPES:
-        encoder = load_encoder(text)
-        try:
-            processor = CLIPImageProcessor.from_pretrained(text)
-        except OSError:  # no preprocessor config: the normalisation stays unknown (reported as assumed)
-            processor = None
-        if (path / "adpo_card.json").is_file():
-            record["card"] = json.loads((path / "adpo_card.json").read_text())
-        record["kind"] = "encoder directory"
-    elif path.is_file():
-        if activation is None:
-            raise UsageError(
-                f"{path} is an open_clip state dict: pass --activation (quick_gelu for OpenAI CLIP and its "
-                "FARE/TeCoA fine-tunes, gelu for LAION open_clip models); the weights cannot tell"
-            )
-        conversion = openclip_to_clip_vision_model(
-            load_state_dict_file(path), hidden_act=activation, num_attention_heads=num_attention_heads
-        )
-        encoder = conversion.model
-        record |= {"kind": "open_clip state dict", "unused_keys": conversion.unused, "assumptions": conversion.assumptions,
-                   "activation": activation}
-    else:
-        raise FileNotFoundError(
-            f"donor {text!r}: not an encoder directory, a checkpoint file, or a world:small/world:large name"
-        )
+    loaded = load_vision_encoder(source, activation=activation, num_attention_heads=num_attention_heads)
+    record = {**loaded.record, "kind": DONOR_KINDS[loaded.kind]}
+    processor = loaded.image_processor
     mean = list(image_mean) if image_mean is not None else (list(processor.image_mean) if processor else None)
     std = list(image_std) if image_std is not None else (list(processor.image_std) if processor else None)
-    record["parameters_sha256"] = state_hash(encoder.state_dict())
-    return Donor(encoder.eval(), mean, std, processor, record)
-
-
-def _model_type(path: Path) -> str | None:
-    config = path / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
-
-
-def _hub_model_type(name: str) -> str | None:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name).model_type
-    except (OSError, ValueError):
-        return None
+    record["parameters_sha256"] = state_hash(loaded.encoder.state_dict())
+    return Donor(loaded.encoder.float().eval(), mean, std, processor, record)
 
 
 # ------------------------------------------------------------------------------------------- hashing

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from adpo.lvlm import LlavaView, find_projector
+from adpo.lvlm import LlavaView
+from adpo.tower import find_projector
 from adpo.preprocess import to_pixels
 from transfer.verify import Sample
 

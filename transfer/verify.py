@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from adpo.attacks import pgd
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
 from adpo.eval.protocol import eps_label
-from adpo.lvlm import LlavaView, VisionTower, cosine_similarity, find_projector
+from adpo.lvlm import LlavaView
+from adpo.tower import VisionTower, cosine_similarity, find_projector
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import image_processor_of, to_pixels
 from adpo.sources import open_source
@@ -185,7 +186,8 @@ def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], e
     scored = [s for s in samples if s.answers]
     if not scored:
         return {"robust_note": "no reference answers: robust accuracy not measured"}
-    config = EvalConfig(model="in-memory graft", task="vqa", num_samples=len(scored), eps=[eps], norm=norm, steps=steps,
+    config = EvalConfig(model="in-memory graft", task="vqa", num_samples=len(scored), attack_eps=[eps], attack_norm=norm,
+                        attack_steps=steps,
                         precision_schedule=["float32"], vqa_targets=[], step_check_steps=0, batch_size=batch_size,
                         seed=seed, num_examples=0, progress=False, max_new_tokens=max_new_tokens)
     eval_samples = [EvalSample(str(i), None, s.question, list(s.answers)) for i, s in enumerate(scored)]

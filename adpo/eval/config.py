@@ -22,21 +22,23 @@ PRECISIONS = ("half", "float16", "bfloat16", "float32")
 class EvalConfig:
     """What to evaluate, against which attack, on which samples.
 
-    Epsilons are written as every adpo config writes them (:data:`adpo.threat.EPS_SYNTAX`); "world" means
-    the bundled world's working epsilon.
+    Epsilons are written as every adpo config writes them (:data:`adpo.threat.EPS_SYNTAX`), a plugin's named radius
+    included (the bundled world's working epsilon).
     """
 
     # -- model
-    model: str = field(default="world:small", metadata={"help": "LVLM: hub id, save_pretrained dir, or world:small|large."})
+    model: str = field(default="", metadata={"help": "LVLM (required for vqa, caption and targeted): hub id, save_pretrained dir, "
+                                                   "or a plugin's LVLM name (the bundled world's small or large)."})
     encoder: str | None = field(default=None, metadata={"help": "CLIPVisionModel dir to put into the model's vision tower first (FARE/TeCoA/AdPO encoders)."})
-    clip_model: str | None = field(default=None, metadata={"help": "zeroshot: CLIPModel (text tower + projections) for the class prompts; world:clip for the world's."})
+    clip_model: str | None = field(default=None, metadata={"help": "zeroshot: CLIPModel (text tower + projections) for the class prompts, or a plugin's CLIP name."})
     name: str | None = field(default=None, metadata={"help": "Row label in tables and plots (default: the model name)."})
     dtype: str = field(default="float32", metadata={"help": "Model weights dtype: float32 | bfloat16 | float16."})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N."})
 
     # -- task and data
     task: str = field(default="vqa", metadata={"help": "vqa | caption | targeted | zeroshot."})
-    data: str = field(default="world:test", metadata={"help": "world:<split>, a datasets.save_to_disk dir, or a hub dataset id."})
+    data: str = field(default="", metadata={"help": "Required: a datasets.save_to_disk dir, an image folder, a COCO .json, a "
+                                                 "hub dataset id, or a plugin's data (<scheme>:<split>, e.g. the bundled world's)."})
     split: str = field(default="test", metadata={"help": "Split for hub datasets."})
     image_root: str | None = field(default=None, metadata={"help": "COCO .json data: the folder holding the image files "
                                                                    "(e.g. val2014/ beside annotations/); default: the json's folder."})
@@ -56,9 +58,10 @@ class EvalConfig:
                                                                  "before resizing, as original LLaVA-1.5 does (llava-hf's processor centre-crops)."})
 
     # -- threat model and attack
-    eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": f"Epsilons in [0,1] pixels, each {EPS_SYNTAX}; or 'world'."})
-    norm: str = field(default="linf", metadata={"help": "linf | l2."})
-    steps: int = field(default=100, metadata={"help": "APGD steps per attack pass."})
+    # the keys of adpo.threat.ThreatArguments, with a list of radii: the evaluation sweeps them
+    attack_eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": f"Epsilons in [0,1] pixels, each {EPS_SYNTAX}; or a plugin's named radius ('world')."})
+    attack_norm: str = field(default="linf", metadata={"help": "linf | l2."})
+    attack_steps: int = field(default=100, metadata={"help": "APGD steps per attack pass."})
     precision_schedule: list[str] = field(
         default_factory=lambda: ["half", "float32"],
         metadata={"help": "Stages, each running every attack pass on the still-unbroken samples; later stages warm-start "
@@ -85,21 +88,21 @@ class EvalConfig:
         unknown = [p for p in self.precision_schedule if p not in PRECISIONS]
         if unknown or not self.precision_schedule:
             raise UsageError(f"precision_schedule={self.precision_schedule} must be a non-empty list of {PRECISIONS}.")
-        if self.norm not in NORMS:
-            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
-        if self.steps < 1:
-            raise UsageError(f"steps={self.steps} must be >= 1.")
+        if self.attack_norm not in NORMS:
+            raise UsageError(f"attack_norm={self.attack_norm!r}; use one of {NORMS}")
+        if self.attack_steps < 1:
+            raise UsageError(f"attack_steps={self.attack_steps} must be >= 1.")
         for key in ("step_check_steps", "num_examples", "max_new_tokens", "zeroshot_target_classes"):
             if getattr(self, key) < 0:
                 raise UsageError(f"{key}={getattr(self, key)} must be >= 0.")
         if self.batch_size < 1 or self.num_samples < 1 or self.questions_per_image < 1:
             raise UsageError(f"batch_size ({self.batch_size}), num_samples ({self.num_samples}) and questions_per_image "
                              f"({self.questions_per_image}) must be >= 1.")
-        if not self.eps:
-            raise UsageError("eps must list at least one epsilon, e.g. eps: ['2/255', '4/255'].")
-        self.eps = [str(e) for e in self.eps]
-        for eps in self.eps:
-            parse_radius(eps, "eps", self.norm)
+        if not self.attack_eps:
+            raise UsageError("attack_eps must list at least one epsilon, e.g. attack_eps: ['2/255', '4/255'].")
+        self.attack_eps = [str(e) for e in self.attack_eps]
+        for eps in self.attack_eps:
+            parse_radius(eps, "attack_eps", self.attack_norm)
         for key in ("model", "encoder"):
             value = getattr(self, key)
             if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
@@ -108,7 +111,8 @@ class EvalConfig:
         columns.update({"vqa": {"question_column": self.question_column, "answers_column": self.answers_column},
                         "caption": {"captions_column": self.captions_column},
                         "zeroshot": {"label_column": self.label_column}}.get(self.task, {}))
-        check_source(self.data, "data", self.split, columns)
+        if self.data:  # required by the evaluation itself (load_samples); a caller may pass its own samples
+            check_source(self.data, "data", self.split, columns)
         if self.image_root is not None and not Path(self.image_root).expanduser().is_dir():
             raise UsageError(f"image_root={self.image_root!r} is not a directory; set it to the folder of the image files "
                              "(for COCO, e.g. data/coco/val2014).")

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from adpo.errors import UsageError
 from adpo.eval.config import EvalConfig
-from adpo.eval.protocol import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, GenerativeModel, Sample, ZeroShotModel
+from adpo.eval.protocol import DEFAULT_MAX_NEW_TOKENS, GenerativeModel, Sample, ZeroShotModel
+from adpo.prompts import EVAL_TASK_PROMPTS
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,7 +32,12 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
     ``questions_per_image`` questions, starting at a different question per image so that every
     question type is covered.
     """
+    from adpo.plugins import data_plugin
     from adpo.sources import open_source
+
+    if not config.data:
+        raise UsageError("data is required: a saved HF dataset dir, an image folder, a COCO .json, a hub dataset id or "
+                         "a plugin's data such as the bundled world's test split")
 
     hf_columns: dict[str, Any] = {"image_column": config.image_column}
     if config.task == "zeroshot":
@@ -39,10 +46,9 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
         hf_columns["caption_column"] = config.captions_column
     if config.task == "vqa":
         hf_columns.update(question_column=config.question_column, answers_column=config.answers_column)
-    is_world = config.data == "world" or config.data.startswith("world:")
     source = open_source(config.data, split=config.split, n=_images_needed(config), labelled=config.task == "zeroshot",
                          image_root=config.image_root, allow_outside_root=config.allow_outside_root,
-                         **({} if is_world else hf_columns))
+                         **({} if data_plugin(config.data) else hf_columns))
     samples: list[Sample] = []
     skipped = []
     for index in range(len(source)):
@@ -65,9 +71,9 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
         elif config.task == "caption":
             if not record.captions:
                 raise ValueError(f"{config.data}: record {record.source_id} has no captions; set captions_column to the caption column.")
-            samples.append(Sample(record.source_id, record.image, config.prompt or DEFAULT_PROMPTS["caption"], list(record.captions)))
+            samples.append(Sample(record.source_id, record.image, config.prompt or EVAL_TASK_PROMPTS["caption"], list(record.captions)))
         elif config.task == "targeted":
-            samples.append(Sample(record.source_id, record.image, config.prompt or DEFAULT_PROMPTS["targeted"], [config.target]))
+            samples.append(Sample(record.source_id, record.image, config.prompt or EVAL_TASK_PROMPTS["targeted"], [config.target]))
         else:
             if record.label is None:
                 raise ValueError(f"{config.data}: record {record.source_id} has no label; set label_column for zero-shot evaluation.")
@@ -86,8 +92,13 @@ def load_samples(config: EvalConfig) -> tuple[list[Sample], list[str] | None]:
 
 def build_generative_model(config: EvalConfig):
     """(GenerativeModel, processor) for the LVLM in ``config.model`` (with ``config.encoder`` put into its tower)."""
-    from adpo.lvlm import LlavaView, load_lvlm, put_encoder
+    from adpo.encoder_io import put_encoder
+    from adpo.lvlm import LlavaView
+    from adpo.models import load_lvlm
 
+    if not config.model:
+        raise UsageError(f"model is required for task {config.task!r}: a llava-hf hub id, a save_pretrained dir or a "
+                         "plugin's LVLM name")
     model, processor = load_lvlm(config.model, dtype=config.dtype)
     if config.encoder:
         put_encoder(model, config.encoder)
@@ -99,23 +110,18 @@ def build_generative_model(config: EvalConfig):
 def build_zeroshot_model(config: EvalConfig, class_names: list[str]):
     """(ZeroShotModel, processor): CLIP text classifier over ``class_names``; the image side is ``config.encoder``,
     else the vision tower of the LVLM in ``config.model``, else the CLIP model's own vision tower."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from adpo.lvlm import VisionTower, find_vision_tower, load_encoder, load_lvlm
-    from adpo.world.clip import zero_shot_classifier
+    from adpo.models import load_clip, load_lvlm, load_vision_encoder
+    from adpo.tower import VisionTower, find_vision_tower
+    from adpo.zeroshot import zero_shot_classifier
 
     if not config.clip_model:
-        raise ValueError("task: zeroshot needs clip_model (a CLIPModel dir or hub id, or world:clip for the bundled world's).")
+        raise ValueError("task: zeroshot needs clip_model (a CLIPModel dir or hub id, or a plugin's CLIP such as the "
+                         "bundled world's).")
     device = resolve_device(config.device)
-    if config.clip_model == "world:clip":
-        from adpo.world.clip import load_world_clip
-
-        clip, processor = load_world_clip()
-    else:
-        clip, processor = CLIPModel.from_pretrained(config.clip_model), CLIPProcessor.from_pretrained(config.clip_model)
+    clip, processor = load_clip(config.clip_model)
     clip = clip.to(device).eval()
     if config.encoder:
-        encoder = load_encoder(config.encoder).to(device)
+        encoder = load_vision_encoder(config.encoder).encoder.to(device)
     elif config.model and config.model != config.clip_model:
         lvlm, _ = load_lvlm(config.model, dtype=config.dtype)
         encoder = find_vision_tower(lvlm).to(device)

@@ -34,7 +34,6 @@ from adpo.eval.config import EvalConfig
 from adpo.eval.metrics import CaptionScorer, contains_target, exact_match, mean, normalize_answer, vqa_soft_accuracy
 from adpo.threat import ThreatModel, parse_eps
 
-DEFAULT_PROMPTS = {"caption": "Provide a short caption for this image.", "targeted": "Describe this image."}
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "caption": 30, "targeted": 30, "zeroshot": 0}
 
 
@@ -476,12 +475,12 @@ def protocol_summary(config: EvalConfig, task: Task, eps: Sequence[tuple[float, 
     schedule = " → ".join(config.precision_schedule)
     text = "\n".join(
         [
-            f"- Threat model: {config.norm} ball, ε ∈ {{{', '.join(label for _, label in eps)}}}, pixel space [0, 1] "
+            f"- Threat model: {config.attack_norm} ball, ε ∈ {{{', '.join(label for _, label in eps)}}}, pixel space [0, 1] "
             "(normalisation inside the model), random start in the ball.",
             f"- Clean pass: greedy decoding, max {config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[config.task]} new tokens."
             if config.task != "zeroshot" else "- Clean pass: zero-shot prediction of every sample.",
             f"- {task.describe()}",
-            f"- Attack: APGD (Croce & Hein 2020), {config.steps} steps per pass, batched ({config.batch_size} rows "
+            f"- Attack: APGD (Croce & Hein 2020), {config.attack_steps} steps per pass, batched ({config.batch_size} rows "
             "of sample × pass) with per-sample early stop where success implies a broken sample; such passes run side "
             "by side, a sample's rows leaving the batch together once one of them breaks it.",
             f"- Precision schedule: {schedule}; every stage runs all passes on the samples not yet broken; each "
@@ -499,8 +498,8 @@ def protocol_summary(config: EvalConfig, task: Task, eps: Sequence[tuple[float, 
     return {
         "summary": text,
         "attack": "apgd",
-        "norm": config.norm,
-        "steps": config.steps,
+        "norm": config.attack_norm,
+        "steps": config.attack_steps,
         "precision_schedule": list(config.precision_schedule),
         "batch_size": config.batch_size,
         "passes": sorted({p.key for sample in samples for p in task.passes(sample)}),
@@ -529,7 +528,7 @@ def run_protocol(
         raise ValueError(f"got {len(samples)} samples but {pixels.shape[0]} images")
     started = time.perf_counter()
     task = make_task(config, samples, class_names)
-    eps_list = resolve_eps(config.eps)
+    eps_list = resolve_eps(config.attack_eps)
     progress = config.progress
 
     clean_outputs = predict_in_batches(model, pixels, samples, config.batch_size, progress)
@@ -540,9 +539,9 @@ def run_protocol(
     rows, runs = [], {}
     carried = None  # the ε-balls are nested: what breaks a sample at one ε breaks it at every larger ε
     for index, (eps, label) in enumerate(eps_list):
-        threat = ThreatModel(norm=config.norm, eps=eps)
+        threat = ThreatModel(norm=config.attack_norm, eps=eps)
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + index)
-        run = attack_ensemble(model, task, samples, pixels, clean, threat, config.steps, config.precision_schedule,
+        run = attack_ensemble(model, task, samples, pixels, clean, threat, config.attack_steps, config.precision_schedule,
                               config.batch_size, generator, progress, carried=carried)
         carried = run.worst
         final = robust_outcomes(task, clean, run)
@@ -551,7 +550,7 @@ def run_protocol(
         rows.append({
             "eps": eps,
             "eps_label": label,
-            "steps": config.steps,
+            "steps": config.attack_steps,
             "metrics": task.aggregate(samples, [o.output for o in final], [o.scores for o in final]),
             "attack_only_metrics": task.aggregate(samples, [o.output for o in attack_only], [o.scores for o in attack_only]),
             "num_attacked": run.attacked,
@@ -565,7 +564,7 @@ def run_protocol(
         generator = torch.Generator(device=model.device).manual_seed(config.seed * 1000 + 999)
         # Start where the main run at the largest ε started: from the next smaller ε's worst outputs.
         below = runs[eps_list[-2][1]][0].worst if len(eps_list) > 1 else None
-        run = attack_ensemble(model, task, samples, pixels, clean, ThreatModel(norm=config.norm, eps=eps), config.step_check_steps,
+        run = attack_ensemble(model, task, samples, pixels, clean, ThreatModel(norm=config.attack_norm, eps=eps), config.step_check_steps,
                               config.precision_schedule, config.batch_size, generator, progress, carried=below)
         final = robust_outcomes(task, clean, run)
         step_check = {

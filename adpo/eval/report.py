@@ -4,7 +4,7 @@ A report is a plain JSON-serialisable dict (``REPORT_FORMAT``, version 1)::
 
     {
       "format": "adpo-eval-report", "version": 1,
-      "name": "undefended", "model": "world:small", "task": "vqa",
+      "name": "undefended", "model": "llava-hf/llava-1.5-7b-hf", "task": "vqa",
       "primary_metric": "exact_match", "metrics": ["exact_match", "soft_accuracy"],
       "num_samples": 64,
       "protocol": {"summary": "<markdown>", ...parameters},

@@ -8,19 +8,32 @@ Entry points::
     world_config()["working_eps"]                     # the eps later stages default to
     build_world(stages=["small", "large"])            # retrain shipped weights (``adpo world build``)
 
-See docs/world.md.
+It plugs into the core as the ``world`` scheme (``world:small``, ``world:large``, ``world:clip``, data
+``world:<split>``, the radius ``world``) through :mod:`adpo.world.plugin`. See docs/world.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 from pathlib import Path
-
-from adpo.world.data import CLASS_NAMES, COLORS, SHAPES, load_world_dataset
-from adpo.world.lm import MissingLMPackageError, load_lm
-from adpo.world.lvlm import SIZES, load_world_lvlm, prompt_for
+from typing import Any
 
 WORLD_CONFIG_PATH = Path(__file__).resolve().parent / "world.yaml"
+
+# Exported names and their modules, imported on first use: the plugin registry imports this package to read the
+# world's plugin, and that must not cost the import of torch and the LMs.
+_LAZY_EXPORTS = {
+    "CLASS_NAMES": "adpo.world.data", "COLORS": "adpo.world.data", "SHAPES": "adpo.world.data",
+    "load_world_dataset": "adpo.world.data", "MissingLMPackageError": "adpo.world.lm", "load_lm": "adpo.world.lm",
+    "SIZES": "adpo.world.lvlm", "load_world_lvlm": "adpo.world.lvlm", "prompt_for": "adpo.world.lvlm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_EXPORTS:
+        raise AttributeError(f"module 'adpo.world' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
 
 
 @lru_cache(maxsize=1)
@@ -45,16 +58,4 @@ def build_world(out_dir=None, stages=("clip", "small", "large"), **kwargs):
     return _build_world(out_dir=out_dir, stages=stages, **kwargs)
 
 
-__all__ = [
-    "CLASS_NAMES",
-    "COLORS",
-    "SHAPES",
-    "SIZES",
-    "MissingLMPackageError",
-    "build_world",
-    "load_lm",
-    "load_world_dataset",
-    "load_world_lvlm",
-    "prompt_for",
-    "world_config",
-]
+__all__ = [*_LAZY_EXPORTS, "build_world", "world_config"]

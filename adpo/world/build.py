@@ -104,9 +104,9 @@ class ProjectorTrainingConfig:
 
 def caption_prompt() -> str:
     """The caption instruction; the same as ``adpo eval``'s default so that caption evaluation needs no flag."""
-    from adpo.eval.protocol import DEFAULT_PROMPTS
+    from adpo.prompts import EVAL_TASK_PROMPTS
 
-    return DEFAULT_PROMPTS["caption"]
+    return EVAL_TASK_PROMPTS["caption"]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -172,7 +172,7 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
 @torch.no_grad()
 def tower_features(model, processor, images, batch_size: int = 250, progress: bool = True) -> torch.Tensor:
     """The frozen tower's LLM features ``[N, n_patches, D]`` (what the projector consumes), fp32."""
-    from adpo.lvlm import VisionTower
+    from adpo.tower import VisionTower
     from adpo.preprocess import to_pixels
 
     tower = VisionTower.from_lvlm(model, processor).eval()

@@ -96,7 +96,7 @@ def _eval_config(size: str, task: str, n: int, eps: list[str], steps: int, batch
 
     return EvalConfig(
         model=f"world:{size}", task=task, data="world:test", num_samples=n, questions_per_image=1,
-        max_new_tokens=4 if task == "vqa" else 24, eps=eps, steps=steps, precision_schedule=["float32"],
+        max_new_tokens=4 if task == "vqa" else 24, attack_eps=eps, attack_steps=steps, precision_schedule=["float32"],
         vqa_targets=[], step_check_steps=0, batch_size=batch_size, num_examples=0, progress=progress,
         device="cpu",
     )
@@ -149,8 +149,8 @@ def evaluate_world(
     if zeroshot:
         from adpo.eval.config import EvalConfig
 
-        config = EvalConfig(task="zeroshot", model="world:clip", clip_model="world:clip", num_samples=clean_images,
-                            eps=eps, steps=steps, device="cpu", num_examples=0, progress=progress)
+        config = EvalConfig(task="zeroshot", model="world:clip", clip_model="world:clip", data="world:test",
+                            num_samples=clean_images, attack_eps=eps, attack_steps=steps, device="cpu", num_examples=0, progress=progress)
         model, samples, pixels, class_names = prepare(config)
         task = make_task(config, samples, class_names)
         outputs = predict_in_batches(model, pixels, samples, 250)

@@ -27,6 +27,7 @@ from adpo.io import atomic_directory
 from adpo.world.data import (
     CLASS_NAMES, CLASS_PROMPT_TEMPLATE, IMAGE_SIZE, SHAPES, class_index, load_world_dataset, world_vocabulary,
 )
+from adpo.zeroshot import zero_shot_classifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "clip"
 TRAINING_RECORD = "training.json"
@@ -495,24 +496,11 @@ def load_world_clip(weights_dir: str | os.PathLike | None = None):
 
 
 @torch.no_grad()
-def zero_shot_classifier(model, processor, class_names=CLASS_NAMES, template: str = CLASS_PROMPT_TEMPLATE) -> torch.Tensor:
-    """L2-normalised text embeddings [C, D] of ``template.format(name)`` for every class name."""
-    prompts = [template.format(name) for name in class_names]
-    encoded = processor.tokenizer(prompts, padding=True, return_tensors="pt")
-    device = next(model.parameters()).device
-    embeds = model.get_text_features(
-        input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device)
-    )
-    embeds = getattr(embeds, "pooler_output", embeds)
-    return F.normalize(embeds.float(), dim=-1)
-
-
-@torch.no_grad()
 def zero_shot_predictions(model, processor, dataset, batch_size: int = 250, progress: bool = False) -> torch.Tensor:
     """Predicted class (index into :data:`CLASS_NAMES`) of every ``dataset`` image: its nearest class prompt."""
     was_training = model.training
     model.eval()
-    classifier = zero_shot_classifier(model, processor)
+    classifier = zero_shot_classifier(model, processor, CLASS_NAMES, CLASS_PROMPT_TEMPLATE)
     device = next(model.parameters()).device
     predicted = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="zero-shot", disable=not progress, leave=False):

@@ -119,7 +119,7 @@ def build_world_lvlm(size: str, vision_model, image_processor, lm=None, tokenize
     lm_name = _check_size(size)
     if lm is None or tokenizer is None:
         lm, tokenizer = load_lm(lm_name, dtype=torch.float32)
-    from adpo.lvlm import put_encoder
+    from adpo.encoder_io import put_encoder
 
     if not isinstance(vision_model, CLIPVisionModel):  # a full CLIPModel: keep its vision half
         vision_config = vision_model.config.vision_config

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from transfer.openclip import (
+from adpo.openclip import (
     UnsafeCheckpointError,
     clip_vision_model_to_openclip,
     load_state_dict_file,
