@@ -17,10 +17,10 @@ import torch
 from transformers import CLIPVisionModel
 
 from adpo.attacks import apgd, pgd
-from adpo.tower import VisionTower
 from adpo.objectives import EmbeddingDistance
 from adpo.testing import random_pixels, tiny_image_processor, tiny_vision_config
 from adpo.threat import ThreatModel
+from adpo.tower import VisionTower
 
 
 def main() -> None:

@@ -5,6 +5,6 @@
 """
 
 from pairs.config import PairsConfig
-from pairs.shards import FEATURES, load_pairs
+from adpo.pairs_format import FEATURES, load_pairs
 
 __all__ = ["FEATURES", "PairsConfig", "load_pairs"]

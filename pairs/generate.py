@@ -37,6 +37,7 @@ from adpo.io import write_json_atomic, write_text_atomic
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
 from adpo.objectives import EmbeddingDistance
+from adpo.pairs_format import features_for
 from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
 
 import pairs.shards as shard_files  # write_shard looked up at call time (tests simulate a crash through it)
@@ -47,7 +48,6 @@ from pairs.shards import (
     ShardPlan,
     WorkItem,
     check_or_write_manifest,
-    features_for,
     merge_shards,
     plan_digest,
     plan_shards,

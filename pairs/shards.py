@@ -11,60 +11,27 @@
   shard is simply done again.
 * **Run manifest.** ``run.json`` records the config fingerprint and the plan; a resume with a config
   that would change the content is refused instead of mixing two datasets.
-* **Merge.** The finished shards, in shard order, become one ``datasets.Dataset`` saved with
-  ``save_to_disk`` under ``dataset/`` (atomically replaced), optionally without unchanged pairs.
+* **Merge.** The finished shards, in shard order, become one ``datasets.Dataset`` in the pairs format
+  (:mod:`adpo.pairs_format`) saved with ``save_to_disk`` under ``dataset/`` (atomically replaced), optionally
+  without unchanged pairs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from datasets import Features, Image, Value
+from datasets import Features
 
 from adpo.io import atomic_directory, atomic_file, write_json_atomic
+from adpo.pairs_format import DATASET_DIR, RUN_MANIFEST, stamp
 from adpo.prompts import prompts_for_image
 
 SHARD_DIR = "shards"
-DATASET_DIR = "dataset"
-MANIFEST = "run.json"
-
-#: the columns of every pair, in order; the reference log-probs are added when computed
-FEATURES = Features(
-    {
-        "image": Image(),  # the clean image exactly as the attack saw it (processor's resize/crop), PNG
-        "adv_image": Image(),  # the stored adversarial image (uint8 grid, inside the ε-ball of `image`), PNG
-        "prompt": Value("string"),
-        "chosen": Value("string"),  # y_w: the original model's answer on `image`
-        "rejected": Value("string"),  # y_l: its answer on `adv_image`
-        "answers_differ": Value("bool"),
-        "source_id": Value("string"),
-        "item_index": Value("int64"),  # position in the run's plan (image-major, then prompt)
-        "prompt_index": Value("int32"),  # index of the prompt in the run's prompt list
-        "norm": Value("string"),
-        "eps": Value("float64"),
-        "steps": Value("int32"),
-        "step_size": Value("float64"),
-        "random_start": Value("bool"),
-        "embedding": Value("string"),  # which tower output the FARE objective compared
-        "embedding_distance": Value("float32"),  # ||φ(adv_image) − φ_orig(image)||², on the stored images
-        "seed": Value("int64"),
-        "model_id": Value("string"),
-        "decoding": Value("string"),  # JSON of the generate() settings
-    }
-)
-REF_LOGP_FEATURES = {"ref_chosen_logps": Value("float64"), "ref_rejected_logps": Value("float64")}
-
-
-def features_for(compute_ref_logps: bool) -> Features:
-    if not compute_ref_logps:
-        return FEATURES
-    return Features({**FEATURES, **REF_LOGP_FEATURES})
 
 
 @dataclass(frozen=True)
@@ -120,7 +87,7 @@ def check_or_write_manifest(output_dir: Path, manifest: dict, write: bool) -> No
 
     ``write`` is True on the main process only; the others just check (after it wrote).
     """
-    path = output_dir / MANIFEST
+    path = output_dir / RUN_MANIFEST
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous.get("fingerprint") != manifest["fingerprint"] or previous.get("plan_digest") != manifest["plan_digest"]:
@@ -201,22 +168,10 @@ def merge_shards(output_dir: Path, num_shards: int, features: Features, keep_unc
         if not keep_unchanged:
             merged = merged.filter(lambda differ: differ, input_columns="answers_differ", desc="dropping unchanged pairs")
         with atomic_directory(target) as staging:
-            merged.save_to_disk(str(staging))
+            stamp(merged).save_to_disk(str(staging))
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     return datasets.load_from_disk(str(target))
-
-
-def load_pairs(path: str | os.PathLike) -> datasets.Dataset:
-    """Open a pair dataset from a run directory (``…/dataset`` inside it) or from the dataset directory itself."""
-    path = Path(path)
-    if (path / DATASET_DIR).is_dir():
-        path = path / DATASET_DIR
-    elif (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"{path} holds an unfinished pairs run (no dataset/ yet); run the same `adpo pairs` command again")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a pair dataset; pass the output_dir of `adpo pairs` or its dataset/ folder")
-    return datasets.load_from_disk(str(path))
 
 
 def shard_columns(output_dir: Path, num_shards: int, columns: list[str]) -> dict[str, list]:

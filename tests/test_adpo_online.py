@@ -12,10 +12,10 @@ from datasets import Dataset
 from transformers import CLIPVisionModel, TrainerCallback
 
 from adpo.lvlm import LlavaView
-from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.sources import open_source
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
+from adpo.tower import find_vision_tower
 from trainers.adpo import AdPOConfig, AdPOTrainer, main, online_images, open_online_images
 
 REPO = Path(__file__).resolve().parents[1]

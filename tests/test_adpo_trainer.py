@@ -14,9 +14,9 @@ from transformers import CLIPVisionModel
 
 from adpo.losses.preference import aio_loss, pio_loss
 from adpo.lvlm import LlavaView
-from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
+from adpo.tower import find_vision_tower
 from trainers.adpo import AdPOConfig, AdPODataCollator, AdPOTrainer, _truncate_left_padded
 
 QUESTIONS = ["what is in the image ?", "what color ?", "describe this picture", "what shape ?"]

@@ -10,10 +10,10 @@ from datasets import Dataset, Features, Image as ImageFeature, Value
 from adpo.attacks import pgd
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
-from adpo.tower import find_vision_tower
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import to_pixels, to_uint8_images
 from adpo.threat import ThreatModel
+from adpo.tower import find_vision_tower
 
 pytestmark = pytest.mark.world
 

@@ -4,10 +4,10 @@ import torch
 from adpo.attacks import apgd, apgd_checkpoints, pgd
 from adpo.encoder_io import export_encoder
 from adpo.lvlm import LlavaView
-from adpo.tower import VisionTower
 from adpo.objectives import EmbeddingDistance, Evaluation, LanguageModelLoss, Objective, ZeroShotCrossEntropy
 from adpo.testing import random_pixels, tiny_llava
 from adpo.threat import ThreatModel
+from adpo.tower import VisionTower
 
 
 def _fare_setup(seed=0):

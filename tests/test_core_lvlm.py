@@ -7,9 +7,9 @@ from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from adpo.encoder_io import canonical_encoder_state, export_encoder, load_encoder, put_encoder, save_encoder
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
-from adpo.tower import VisionTower, find_projector, find_vision_tower, freeze_for_tower_training
 from adpo.preprocess import load_rgb, to_pixels
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
+from adpo.tower import VisionTower, find_projector, find_vision_tower, freeze_for_tower_training
 
 
 def test_tower_features_equal_the_models_own_image_features(tiny):

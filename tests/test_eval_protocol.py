@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-import adpo.eval.protocol as protocol
 from adpo.eval.config import EvalConfig
 from adpo.eval.protocol import (
     CaptionTask,
@@ -25,6 +24,7 @@ from adpo.eval.protocol import (
     resolve_eps,
     run_protocol,
 )
+import adpo.eval.protocol as protocol
 from adpo.lvlm import LlavaView
 from adpo.objectives import Evaluation, Objective
 from adpo.testing import random_pixels, tiny_llava

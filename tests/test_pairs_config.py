@@ -161,3 +161,25 @@ def test_resume_with_rebuilt_model_weights_under_the_same_name_is_refused(tmp_pa
         check_or_write_manifest(tmp_path, other, write=True)
 
 
+
+
+def test_the_pairs_format_is_checked_where_it_is_read(tmp_path):
+    import datasets
+
+    from adpo.errors import UsageError
+    from adpo.pairs_format import FORMAT_VERSION, REQUIRED_COLUMNS, check_pairs, load_pairs, stamp
+
+    rows = {name: ["x"] for name in REQUIRED_COLUMNS}
+    stamp(datasets.Dataset.from_dict(rows)).save_to_disk(str(tmp_path / "pairs"))
+    loaded = load_pairs(tmp_path / "pairs")
+    assert loaded.info.version == FORMAT_VERSION and loaded.column_names == list(REQUIRED_COLUMNS)
+    with pytest.raises(UsageError, match=r"lacks columns \['rejected'\]"):
+        check_pairs(datasets.Dataset.from_dict({k: v for k, v in rows.items() if k != "rejected"}), "mine")
+    newer = datasets.Dataset.from_dict(rows)
+    newer.info.version = datasets.Version(f"{FORMAT_VERSION.major + 1}.0.0")
+    with pytest.raises(UsageError, match="newer than this adpo reads"):
+        check_pairs(newer, "future")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "run.json").write_text("{}")
+    with pytest.raises(UsageError, match="unfinished pairs run"):
+        load_pairs(tmp_path / "unfinished")

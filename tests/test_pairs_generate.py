@@ -20,8 +20,8 @@ from PIL import Image
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
 from adpo.preprocess import to_pixels
-from adpo.threat import ThreatModel
 from adpo.testing import tiny_llava
+from adpo.threat import ThreatModel
 from pairs import FEATURES, PairsConfig, load_pairs
 from pairs.generate import run
 from pairs.shards import shard_paths

@@ -14,13 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from trl import TrlParser
 
-import adpo.runtime
-from adpo.runtime import load_lvlm_for_tower_training
 from adpo.encoder_io import canonical_encoder_state
 from adpo.models import load_lvlm
-from adpo.tower import find_vision_tower
 from adpo.preprocess import to_uint8_images
+import adpo.runtime
+from adpo.runtime import load_lvlm_for_tower_training
 from adpo.testing import random_pixels, tiny_llava
+from adpo.tower import find_vision_tower
 from trainers import fare
 from trainers.adpo import AdPOConfig, AdPOTrainer
 

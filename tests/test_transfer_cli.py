@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGeneration
 
-from adpo.errors import UsageError
 from adpo.encoder_io import export_encoder, load_encoder, save_encoder
-from adpo.tower import find_vision_tower
+from adpo.errors import UsageError
 from adpo.preprocess import to_uint8_images
 from adpo.testing import random_pixels, tiny_llava, tiny_vision_config
+from adpo.tower import find_vision_tower
 from transfer.cli import main
 from transfer.graft import component_hashes
 from adpo.openclip import clip_vision_model_to_openclip, load_state_dict_file, save_state_dict_file

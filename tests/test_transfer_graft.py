@@ -9,8 +9,8 @@ from transformers import AutoProcessor, CLIPVisionModel, LlavaForConditionalGene
 
 from adpo.encoder_io import export_encoder, save_encoder
 from adpo.lvlm import LlavaView
-from adpo.tower import VisionTower, find_vision_tower
 from adpo.testing import random_pixels, tiny_image_processor, tiny_llava, tiny_vision_config
+from adpo.tower import VisionTower, find_vision_tower
 from transfer.geometry import GeometryMismatch, GraftOptions, fold_normalisation, interpolate_position_embedding
 from transfer.graft import Donor, component_hashes, graft_encoder, load_donor, save_grafted
 

@@ -21,10 +21,10 @@ from adpo.world.clip import (
     train_world_clip,
     zero_shot_accuracy,
 )
-from adpo.zeroshot import zero_shot_classifier
 from adpo.world.data import (
     CLASS_NAMES, CLASS_PROMPT_TEMPLATE, captions_for, class_index, generate_world_image, questions_for,
 )
+from adpo.zeroshot import zero_shot_classifier
 
 TINY = WorldClipSize(
     vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64,

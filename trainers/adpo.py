@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset
 from torch import nn
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -68,13 +68,13 @@ from trl.trainer.utils import use_adapter
 
 import adpo
 from adpo.attacks import attack_mode, pgd
+from adpo.encoder_io import export_encoder, put_encoder, save_encoder
 from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import relative_drift_loss
 from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_logps
-from adpo.encoder_io import export_encoder, put_encoder, save_encoder
 from adpo.lvlm import LlavaView
-from adpo.tower import VisionTower, find_vision_tower, freeze_for_tower_training
 from adpo.objectives import EmbeddingDistance
+from adpo.pairs_format import DATASET_DIR, REF_COLUMNS, REQUIRED_COLUMNS, check_pairs, load_pairs, missing_columns
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import (
@@ -88,11 +88,10 @@ from adpo.runtime import (
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source, saved_dataset_columns
 from adpo.threat import EPS_SYNTAX, ThreatArguments
+from adpo.tower import VisionTower, find_vision_tower, freeze_for_tower_training
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("image", "adv_image", "prompt", "chosen", "rejected")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PAIR_SOURCES = ("stored", "online")
 ADV_SOURCES = ("stored", "online")
 IDENTICAL_PAIRS = ("keep", "drop")
@@ -317,12 +316,12 @@ class AdPOConfig(DPOConfig, ThreatArguments):
         try:
             check_source(self.dataset_path, "dataset_path", self.dataset_split, split_key="dataset_split")
             location = Path(self.dataset_path).expanduser()
-            if (location / "dataset").is_dir():  # an `adpo pairs` run directory
-                location = location / "dataset"
+            if (location / DATASET_DIR).is_dir():  # an `adpo pairs` run directory
+                location = location / DATASET_DIR
             columns = saved_dataset_columns(location, self.dataset_split, "dataset_path", "dataset_split")
         except UsageError as error:
             return [str(error)]
-        missing = [c for c in REQUIRED_COLUMNS if columns is not None and c not in columns]
+        missing = missing_columns(columns)
         if missing:
             return [f"dataset_path={self.dataset_path!r} lacks columns {missing} (has {columns}); an AdPO dataset needs "
                     f"{list(REQUIRED_COLUMNS)}: make one with `adpo pairs`"]
@@ -385,7 +384,7 @@ class AdPODataCollator:
     drop_identical: bool = False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        missing = [c for c in REQUIRED_COLUMNS if c not in examples[0]]
+        missing = missing_columns(list(examples[0]))
         if missing:
             raise KeyError(f"pairs example lacks columns {missing}; an AdPO dataset needs {REQUIRED_COLUMNS} "
                            "(make one with `adpo pairs`)")
@@ -566,7 +565,7 @@ class AdPOTrainer(DPOTrainer):
             if args.pair_source == "online":
                 _check_online_dataset(dataset, name)
             else:
-                _check_pairs_dataset(dataset, name)
+                check_pairs(dataset, name)
         self.processor = processing_class
         self.view = LlavaView(model, processing_class)  # tokenisation + the policy tower in pixel space
 
@@ -934,16 +933,6 @@ def _check_online_dataset(dataset: Dataset, name: str) -> None:
                          "online_images(open_source(...), prompts)")
 
 
-def _check_pairs_dataset(dataset: Dataset, name: str) -> None:
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        raise TypeError(f"{name} must be a datasets.Dataset of pairs, got {type(dataset).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise ValueError(f"{name} lacks columns {missing} (has {columns}); an AdPO dataset needs {REQUIRED_COLUMNS}: "
-                         "make one with `adpo pairs --config configs/pairs/<name>.yaml`")
-
-
 def _tower_slot(model: nn.Module) -> tuple[nn.Module, str]:
     """(module holding the vision tower, attribute name), so the reference tower can be swapped in."""
     tower = find_vision_tower(model)
@@ -975,21 +964,6 @@ def _lora_targets(model: nn.Module, processor: Any, names: Sequence[str]) -> lis
 # ----------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------
-def load_pairs(path: str, split: str = "train") -> Dataset:
-    """A pairs dataset from an `adpo pairs` output dir, a save_to_disk dir or a hub id."""
-    location = Path(path)
-    if location.exists():
-        if (location / "dataset").is_dir():
-            location = location / "dataset"
-        dataset = load_from_disk(str(location))
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise UsageError(f"dataset_path={path!r} has splits {list(dataset)}, not {split!r}; set dataset_split")
-            dataset = dataset[split]
-        return dataset
-    return load_dataset(path, split=split)
-
-
 def open_online_images(args: AdPOConfig) -> Dataset:
     """The image source of ``pair_source: online`` with its prompts; reads no model."""
     hf_columns = {"image_column": args.image_column}

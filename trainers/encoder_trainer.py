@@ -34,8 +34,8 @@ from transformers.trainer_utils import SchedulerType
 
 import adpo
 from adpo.attacks import AttackResult, pgd
-from adpo.errors import UsageError
 from adpo.encoder_io import canonical_encoder_state, load_encoder, put_encoder, save_encoder
+from adpo.errors import UsageError
 from adpo.models import (
     CLIP_MODEL_TYPES,
     ENCODER_MODEL_TYPES,
@@ -44,7 +44,6 @@ from adpo.models import (
     model_type_of,
     resolve_dtype,
 )
-from adpo.tower import VisionTower, unreachable_tower_parameters
 from adpo.objectives import Objective
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
@@ -57,6 +56,7 @@ from adpo.runtime import (
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageRecord, ImageSource, check_source, open_source
 from adpo.threat import EPS_SYNTAX, ThreatArguments
+from adpo.tower import VisionTower, unreachable_tower_parameters
 
 logger = logging.getLogger(__name__)
 

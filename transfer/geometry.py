@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adpo.encoder_io import canonical_encoder_state
-from adpo.tower import feature_selection, find_vision_tower
 from adpo.preprocess import image_processor_of
+from adpo.tower import feature_selection, find_vision_tower
 
 NORMALISATION_TOLERANCE = 1e-6
 

@@ -20,8 +20,8 @@ from torch import nn
 from transformers import CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from adpo.io import atomic_directory
 from adpo.encoder_io import canonical_encoder_state, put_encoder
+from adpo.io import atomic_directory
 from adpo.models import load_vision_encoder
 from adpo.tower import find_vision_tower
 from transfer.geometry import (

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adpo.lvlm import LlavaView
-from adpo.tower import find_projector
 from adpo.preprocess import to_pixels
+from adpo.tower import find_projector
 from transfer.verify import Sample
 
 

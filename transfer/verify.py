@@ -25,11 +25,11 @@ from adpo.attacks import pgd
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
 from adpo.eval.protocol import eps_label
 from adpo.lvlm import LlavaView
-from adpo.tower import VisionTower, cosine_similarity, find_projector
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import image_processor_of, to_pixels
 from adpo.sources import open_source
 from adpo.threat import ThreatModel, parse_eps
+from adpo.tower import VisionTower, cosine_similarity, find_projector
 
 DEFAULT_QUESTION = "What is in the image?"
 
