@@ -1,8 +1,9 @@
-"""Atomic writes: a file or a directory appears complete under its final name, or not at all.
+"""The one place adpo writes files: a file or a directory appears complete under its final name, or not at all.
 
-Everything adpo writes that a later run reads (encoders, model directories, dataset shards, reports,
-configs, markers) goes through these helpers, so a run killed at any moment leaves either the previous
-complete output or none — never a half-written one.
+Everything adpo writes (encoders, model directories, dataset shards, reports, plots, configs, markers, the world's
+caches) goes through these helpers, so a run killed at any moment, or a machine that loses power, leaves either the
+previous complete output or none — never a half-written one: what is published is flushed to disk first (fsync)
+and the rename is then made durable. Outputs get the permissions an ordinary write would give them (the umask).
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ def apply_default_permissions(path: Path) -> None:
         target.chmod((0o777 if target.is_dir() else 0o666) & ~mask)
 
 
+def _flush(path: Path) -> None:
+    """Flush ``path``'s content (a file, or every file below a directory) to disk."""
+    for file in ([p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]):
+        with open(file, "rb") as stream:
+            os.fsync(stream.fileno())
+
+
+def _flush_directory_entry(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a staging directory beside ``out_dir``; on success it replaces ``out_dir`` in one rename.
@@ -47,6 +64,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iter
     try:
         yield staging
         apply_default_permissions(staging)
+        _flush(staging)
         if out.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, retired / out.name)
@@ -54,6 +72,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Iter
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, out)
+        _flush_directory_entry(out.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -72,17 +91,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(temporary)
         apply_default_permissions(Path(temporary))
+        _flush(Path(temporary))  # on disk before the rename publishes it
         os.replace(temporary, path)
+        _flush_directory_entry(path.parent)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_file(path) as temporary, open(temporary, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())  # on disk before the rename publishes it
+    with atomic_file(path) as temporary:
+        temporary.write_bytes(data)
     return Path(path)
 
 

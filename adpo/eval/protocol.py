@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from adpo.attacks import apgd
 from adpo.eval.config import EvalConfig
 from adpo.eval.metrics import CaptionScorer, contains_target, exact_match, mean, normalize_answer, vqa_soft_accuracy
+from adpo.io import atomic_file
 from adpo.threat import ThreatModel, parse_eps
 
 DEFAULT_MAX_NEW_TOKENS = {"vqa": 10, "caption": 30, "targeted": 30, "zeroshot": 0}
@@ -667,6 +667,5 @@ def _save_examples(samples, pixels, clean, run_and_final, label, task, count, ou
 
 
 def _save_png(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as temporary:
+        image.save(temporary, format="PNG")

@@ -20,13 +20,13 @@ import functools
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from adpo.io import atomic_directory
 
 # Bump when the pixels, captions or questions change: it keys the on-disk cache.
 GENERATOR_VERSION = 1
@@ -423,18 +423,8 @@ def load_world_dataset(split: str = "test", n: int | None = None, seed: int = 0,
     target = world_cache_dir() / f"v{GENERATOR_VERSION}-seed{seed}" / split
     if not (target / "dataset_info.json").exists():
         dataset = generate_split(split, seed=seed, progress=progress)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=target.parent))
-        try:
-            dataset.save_to_disk(str(staging / "data"))
-            try:
-                os.replace(staging / "data", target)
-            except OSError:
-                # Another process finished the same split first; its copy is identical.
-                if not (target / "dataset_info.json").exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_directory(target) as staging:  # a process that finished the same split first wrote the same bytes
+            dataset.save_to_disk(str(staging))
     dataset = load_from_disk(str(target))
     return dataset if n is None else dataset.select(range(n))
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from adpo.io import atomic_directory
+
 #: bump when the conversion below changes, so stale caches are rebuilt rather than reused
 CONVERSION_VERSION = 1
 
@@ -147,13 +149,10 @@ def _convert(name: str, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         if gguf_path.parent == staging:
             gguf_path.unlink()  # the assembled Gemma GGUF is only needed for the conversion
-        out = staging / "model"
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        (out / "SOURCE.txt").write_text(f"{lm.description}\nconverted from {lm.gguf_name}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
+        with atomic_directory(target) as out:
+            model.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+            (out / "SOURCE.txt").write_text(f"{lm.description}\nconverted from {lm.gguf_name}\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from adpo.io import atomic_directory, write_text_atomic
 from adpo.world.lm import CONVERSION_VERSION, WORLD_LMS, cache_root, load_lm
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -243,9 +241,7 @@ def write_manifest(weights_dir: Path = WEIGHTS_DIR) -> dict:
         if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
     }
     manifest = {"format": 1, "total_bytes": sum(f["bytes"] for f in files.values()), "files": files}
-    tmp = weights_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, weights_dir / "manifest.json")
+    write_text_atomic(weights_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
@@ -357,23 +353,16 @@ def load_world_lvlm(size: str = "small", dtype: torch.dtype = torch.float32, wei
     target = assembled_cache_dir(size, weights_dir)
     if not (target / "config.json").is_file():
         model, processor = assemble_world_lvlm(size, weights_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_directory(target) as staging:
             # The LM's weights are bf16 values (see adpo.world.lm): storing them as bf16 is exact and halves
             # the bytes a warm load reads; the tower and projector stay fp32.
             language_model = model.model.language_model
             language_model.to(torch.bfloat16)
             model.lm_head.to(torch.bfloat16)
-            model.save_pretrained(staging / "model")
+            model.save_pretrained(staging)
             language_model.to(torch.float32)
             model.lm_head.to(torch.float32)
-            processor.save_pretrained(staging / "model")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging / "model", target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            processor.save_pretrained(staging)
         if dtype == torch.float32:
             return model, processor
     model = LlavaForConditionalGeneration.from_pretrained(target, dtype=dtype)
