@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -125,6 +126,27 @@ def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
                                 "encoder to resume from; resume from a checkpoint written by this adpo version, "
                                 "or start afresh")
     return encoder_dir
+
+
+def derived_seed(*parts: Any, separator: str = ":") -> int:
+    """The seed of one random draw (an attack's start, a sampled answer), from the parts that identify it — (seed,
+    step, micro-batch, rank, purpose) in the trainers, (seed, shard, batch, purpose) in ``adpo pairs`` —, the same in
+    every process and Python run, so a resumed run draws what an uninterrupted one would."""
+    return zlib.crc32(separator.join(str(part) for part in parts).encode())
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """``resume_from_checkpoint`` as every trainer reads it: unset or false starts afresh; ``true`` / ``last`` /
+    ``auto`` is the newest complete checkpoint in ``output_dir`` (None, with a log line, when there is none yet);
+    anything else is a checkpoint directory."""
+    if value is None or value is False or str(value).lower() in ("", "false", "no", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "yes", "last", "auto"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            logging.getLogger(__name__).info("no checkpoint in %s: starting from scratch", output_dir)
+        return found
+    return str(value)
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -16,14 +16,13 @@ For a batch of images (each with its seeded prompts):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
 from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -39,6 +38,7 @@ from adpo.models import load_lvlm
 from adpo.objectives import EmbeddingDistance
 from adpo.pairs_format import features_for
 from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
+from adpo.runtime import derived_seed
 
 import pairs.shards as shard_files  # write_shard looked up at call time (tests simulate a crash through it)
 from pairs.card import build_summary, render_card
@@ -57,12 +57,6 @@ from pairs.shards import (
     shard_is_done,
     shards_for_process,
 )
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python runs."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPVisionModel, TrainerCallback
 
 from adpo.encoder_io import canonical_encoder_state
+from adpo.runtime import resume_checkpoint
 from adpo.testing import launch_two_cpu_processes, tiny_image_processor, tiny_llava, tiny_vision_config
 from adpo.threat import parse_eps
 from adpo.world.clip import WorldClipSize, build_world_clip_config, build_world_processor, build_world_tokenizer
 from trainers import fare, simclip, tecoa
-from trainers.encoder_trainer import resume_argument
 
 CLASSES = ["red circle", "blue square", "green star"]
 
@@ -259,10 +259,15 @@ def test_main_runs_from_a_yaml_config_with_command_line_overrides(assets, tmp_pa
     assert card["attack"]["steps"] == 2 and card["eps"] == pytest.approx(4 / 255)
 
 
-def test_resume_argument():
-    assert resume_argument(None) is None and resume_argument("false") is None
-    assert resume_argument("true") is True and resume_argument("last") is True
-    assert resume_argument("out/checkpoint-2") == "out/checkpoint-2"
+def test_resume_from_checkpoint_values(tmp_path):
+    for nothing in (None, False, "false", "none"):
+        assert resume_checkpoint(nothing, tmp_path) is None
+    for newest in (True, "true", "last", "auto"):
+        assert resume_checkpoint(newest, tmp_path) is None  # no checkpoint yet: from scratch
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-3")
+    assert resume_checkpoint("out/checkpoint-2", tmp_path) == "out/checkpoint-2"
 
 
 @pytest.mark.distributed

@@ -55,7 +55,6 @@ import copy
 import logging
 import os
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -81,9 +80,10 @@ from adpo.runtime import (
     ENCODER_DIRNAME,
     check_training_arguments,
     checkpoint_encoder_dir,
+    derived_seed,
     fit_precision_to_device,
-    last_complete_checkpoint,
     load_lvlm_for_tower_training,
+    resume_checkpoint,
     write_requested_exports,
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source, saved_dataset_columns
@@ -756,11 +756,11 @@ class AdPOTrainer(DPOTrainer):
         clean, prompts = inputs["clean_pixels"], list(inputs["prompts"])
         batch = clean.shape[0]
         # (seed, step, micro-batch, rank): reproducible, and a resumed run draws what an uninterrupted one would.
-        seed = f"{self.args.seed}:{self.state.global_step}:{self._micro_batch}:{self.accelerator.process_index}"
+        seed = (self.args.seed, self.state.global_step, self._micro_batch, self.accelerator.process_index)
         self._micro_batch += 1
-        adv = self._online_adversarial(clean, zlib.crc32(f"{seed}:attack".encode()))
+        adv = self._online_adversarial(clean, derived_seed(*seed, "attack"))
         started = time.perf_counter()
-        answers = self._generate(torch.cat([clean, adv]), prompts * 2, zlib.crc32(f"{seed}:sample".encode()))
+        answers = self._generate(torch.cat([clean, adv]), prompts * 2, derived_seed(*seed, "sample"))
         self._generation_seconds += time.perf_counter() - started
         chosen, rejected = answers[:batch], answers[batch:]
         self.online_pairs = OnlinePairs(prompts, chosen, rejected, clean, adv)
@@ -1005,10 +1005,7 @@ def build_trainer(args: AdPOConfig) -> AdPOTrainer:
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_config([AdPOConfig], argv, prog="adpo train adpo")
     trainer = build_trainer(args)
-    resume = args.resume_from_checkpoint
-    if resume in ("auto", "last", "true", "True"):
-        resume = last_complete_checkpoint(args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     trainer.save_model(args.output_dir)
     if trainer.accelerator.is_main_process:
         print(f"AdPO encoder written to {Path(args.output_dir) / ENCODER_DIRNAME}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -50,8 +49,9 @@ from adpo.runtime import (
     ENCODER_DIRNAME,
     check_training_arguments,
     checkpoint_encoder_dir,
+    derived_seed,
     fit_precision_to_device,
-    last_complete_checkpoint,
+    resume_checkpoint,
     write_requested_exports,
 )
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageRecord, ImageSource, check_source, open_source
@@ -356,8 +356,8 @@ class EncoderAdversarialTrainer(Trainer):
         step, micro = self._micro_step
         micro = micro + 1 if step == self.state.global_step else 0
         self._micro_step = (self.state.global_step, micro)
-        key = f"{self.args.seed}/{self.state.global_step}/{micro}/{self.args.process_index}".encode()
-        return torch.Generator(device=device).manual_seed(zlib.crc32(key))
+        seed = derived_seed(self.args.seed, self.state.global_step, micro, self.args.process_index, separator="/")
+        return torch.Generator(device=device).manual_seed(seed)
 
     # --- the interchange format --------------------------------------------------------------------
     def card(self) -> dict:
@@ -437,23 +437,9 @@ def _plain(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def resume_argument(value: str | None) -> str | bool | None:
-    """``resume_from_checkpoint``: a checkpoint directory, or 'true'/'last' for the newest complete one in output_dir."""
-    if value is None or str(value).lower() in ("", "false", "no", "none"):
-        return None
-    if str(value).lower() in ("true", "yes", "last"):
-        return True
-    return value
-
-
 def train_and_save(trainer: EncoderAdversarialTrainer) -> Path:
     """Train (resuming when asked) and write the final encoder into ``<output_dir>/encoder``; returns that directory."""
-    resume = resume_argument(trainer.args.resume_from_checkpoint)
-    if resume is True:
-        resume = last_complete_checkpoint(trainer.args.output_dir)
-        if resume is None:
-            logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.resume_from_checkpoint, trainer.args.output_dir))
     trainer.save_model()
     return Path(trainer.args.output_dir) / ENCODER_DIRNAME
 
