@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from adpo.eval.config import EvalConfig  # noqa: E402
-from adpo.eval.protocol import GenerativeModel, Sample, run_protocol  # noqa: E402
+from adpo.eval.adapters import GenerativeModel  # noqa: E402
+from adpo.eval.protocol import run_protocol  # noqa: E402
+from adpo.eval.tasks import Sample  # noqa: E402
 
 QUESTION = "what is in the image ?"
 

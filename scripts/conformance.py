@@ -356,7 +356,7 @@ def make_vqa_references(out: Path, configs: dict) -> dict:
 
     from adpo.eval.config import EvalConfig
     from adpo.eval.loading import prepare
-    from adpo.eval.protocol import predict_in_batches
+    from adpo.eval.adapters import predict_in_batches
 
     images = sorted((out / "images").rglob("*.png"))
     questions = [VQA_QUESTIONS[i % len(VQA_QUESTIONS)] for i in range(len(images))]

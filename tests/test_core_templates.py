@@ -143,7 +143,9 @@ def test_the_report_attacks_every_sample_whose_reference_is_its_own_answer():
     sample took gradient steps (on the old encoding every sample counted as broken before the attack: robust = clean,
     zero steps)."""
     from adpo.eval.config import EvalConfig
-    from adpo.eval.protocol import GenerativeModel, Sample, run_protocol
+    from adpo.eval.adapters import GenerativeModel
+    from adpo.eval.protocol import run_protocol
+    from adpo.eval.tasks import Sample
 
     model, processor = template_llava("llava15", seed=0)
     view = LlavaView(model, processor)

@@ -11,20 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+from adpo.eval.adapters import GenerativeModel, ZeroShotModel, predict_in_batches
 from adpo.eval.config import EvalConfig
-from adpo.eval.protocol import (
-    CaptionTask,
-    GenerativeModel,
-    Outcome,
-    Sample,
-    VQATask,
-    ZeroShotModel,
-    attack_ensemble,
-    predict_in_batches,
-    resolve_eps,
-    run_protocol,
-)
-import adpo.eval.protocol as protocol
+from adpo.eval.ensemble import attack_ensemble
+import adpo.eval.ensemble as ensemble
+from adpo.eval.protocol import resolve_eps, run_protocol
+from adpo.eval.tasks import CaptionTask, Outcome, Sample, VQATask
 from adpo.lvlm import LlavaView
 from adpo.objectives import Evaluation, Objective
 from adpo.testing import random_pixels, tiny_llava
@@ -144,14 +136,14 @@ def test_zero_epsilon_changes_nothing(view, answered):
 def test_later_stages_warm_start_from_the_worst_perturbation(view, answered, monkeypatch):
     pixels, answers = answered
     calls = []
-    real_apgd = protocol.apgd
+    real_apgd = ensemble.apgd
 
     def spy(objective, x, threat, steps, **kwargs):
         result = real_apgd(objective, x, threat, steps, **kwargs)
         calls.append((kwargs.get("init"), result.x_adv.clone()))
         return result
 
-    monkeypatch.setattr(protocol, "apgd", spy)
+    monkeypatch.setattr(ensemble, "apgd", spy)
     samples = vqa_samples(answers)
     task = VQATask(samples, [])
     clean = [Outcome(o, s) for o, s in zip(answers, task.score(samples, answers))]
@@ -303,20 +295,20 @@ def test_cli_zeroshot_with_a_clip_model_and_hf_dataset(tmp_path):
 
 def test_half_precision_is_fp32_on_cpu_and_bf16_only_when_asked():
     cpu = torch.device("cpu")
-    with protocol.precision_context("half", cpu):
+    with ensemble.precision_context("half", cpu):
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    with protocol.precision_context("bfloat16", cpu):
+    with ensemble.precision_context("bfloat16", cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
 
 
 def test_side_by_side_passes_pack_whole_samples_and_split_only_oversized_ones():
     rows = [(0, "a"), (0, "t"), (1, "a"), (1, "t"), (2, "a"), (2, "t")]
-    assert protocol._pack_by_sample(rows, 4) == [rows[:4], rows[4:]]
-    assert protocol._pack_by_sample(rows, 3) == [rows[:2], rows[2:4], rows[4:]]  # never a sample across chunks
+    assert ensemble._pack_by_sample(rows, 4) == [rows[:4], rows[4:]]
+    assert ensemble._pack_by_sample(rows, 3) == [rows[:2], rows[2:4], rows[4:]]  # never a sample across chunks
     # Batch size 1 is the per-sample loop: each pass alone, in order (a broken sample skips the rest).
-    assert protocol._pack_by_sample(rows, 1) == [[row] for row in rows]
-    assert protocol._pack_by_sample([(0, "a"), (0, "t"), (0, "u"), (1, "a")], 2) == [[(0, "a"), (0, "t")], [(0, "u"), (1, "a")]]
+    assert ensemble._pack_by_sample(rows, 1) == [[row] for row in rows]
+    assert ensemble._pack_by_sample([(0, "a"), (0, "t"), (0, "u"), (1, "a")], 2) == [[(0, "a"), (0, "t")], [(0, "u"), (1, "a")]]
 
 
 class BrokenAtStart(Objective):

@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adpo.attacks import pgd
+from adpo.eval.ensemble import eps_label
 from adpo.eval.metrics import normalize_answer, vqa_soft_accuracy
-from adpo.eval.protocol import eps_label
 from adpo.lvlm import LlavaView
 from adpo.objectives import EmbeddingDistance
 from adpo.preprocess import image_processor_of, to_pixels
@@ -180,8 +180,9 @@ def robust_vqa_accuracy(model: Any, processor: Any, samples: Sequence[Sample], e
     one ε, untargeted APGD on each reference answer's LM loss, one fp32 stage, no step check. For the full
     protocol run ``adpo eval`` on the saved directory."""
     from adpo.eval.config import EvalConfig
-    from adpo.eval.protocol import GenerativeModel, run_protocol
-    from adpo.eval.protocol import Sample as EvalSample
+    from adpo.eval.adapters import GenerativeModel
+    from adpo.eval.protocol import run_protocol
+    from adpo.eval.tasks import Sample as EvalSample
 
     scored = [s for s in samples if s.answers]
     if not scored:

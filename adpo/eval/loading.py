@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from adpo.errors import UsageError
+from adpo.eval.adapters import GenerativeModel, ZeroShotModel
 from adpo.eval.config import EvalConfig
-from adpo.eval.protocol import DEFAULT_MAX_NEW_TOKENS, GenerativeModel, Sample, ZeroShotModel
+from adpo.eval.tasks import DEFAULT_MAX_NEW_TOKENS, Sample
 from adpo.prompts import EVAL_TASK_PROMPTS
 
 

@@ -103,7 +103,8 @@ def _eval_config(size: str, task: str, n: int, eps: list[str], steps: int, batch
 
 
 def _clean_metrics(config, model, samples, pixels, batch_size: int) -> dict:
-    from adpo.eval.protocol import make_task, predict_in_batches
+    from adpo.eval.adapters import predict_in_batches
+    from adpo.eval.tasks import make_task
 
     task = make_task(config, samples)
     outputs = predict_in_batches(model, pixels, samples, batch_size)
@@ -135,7 +136,9 @@ def evaluate_world(
 ) -> dict:
     """Score the world (see the module docstring); returns the results dict."""
     from adpo.eval.loading import load_samples, prepare
-    from adpo.eval.protocol import GenerativeModel, make_task, predict_in_batches, run_protocol
+    from adpo.eval.adapters import GenerativeModel, predict_in_batches
+    from adpo.eval.protocol import run_protocol
+    from adpo.eval.tasks import make_task
     from adpo.preprocess import to_pixels
 
     eps = [str(e) for e in eps]
