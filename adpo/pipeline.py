@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +34,7 @@ import yaml
 
 from adpo.errors import UsageError
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
+from adpo.runtime import stage_output
 from adpo.threat import DEPRECATED_THREAT_KEYS
 
 DONE_MARKER = "STAGE_DONE.json"
@@ -190,12 +192,20 @@ def _command_stage(name: str, directory: Path, command: list[str], settings: dic
     return Stage(name, directory, settings, run, inputs)
 
 
-def _adpo(argv: list[str]) -> None:
-    from adpo.cli import main as adpo_main
+class StageFailed(RuntimeError):
+    """A stage's process exited with an error (it printed its own message)."""
 
-    code = adpo_main(argv)
+    def __init__(self, argv: list[str], code: int):
+        super().__init__(f"`adpo {' '.join(argv)}` failed with exit code {code}")
+        self.code = code
+
+
+def _adpo(argv: list[str]) -> None:
+    """Run ``adpo ARGV`` as its own process, so that each stage's GPU memory, process group and imports end with it
+    (and a stage may itself be launched on several devices)."""
+    code = subprocess.run([sys.executable, "-m", "adpo.cli", *argv]).returncode
     if code:
-        raise RuntimeError(f"`adpo {' '.join(argv)}` failed with exit code {code}")
+        raise StageFailed(argv, code)
 
 
 
@@ -254,9 +264,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-            from adpo.encoder_io import encoder_location
-
-            return stage_config | {"encoder": encoder_location(out / "train" / method / "run")}
+            return stage_config | {"encoder": str(stage_output(out / "train" / method / "run", "encoder"))}
         return resolve
 
     if config.eval_large:
@@ -511,7 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         for stage, state in stage_states(config):
             print(f"{stage.name:24s} {stage.directory}  {state}")
         return 0
-    run_pipeline(config, force=args.force, force_stages=tuple(args.force_stage), only=tuple(args.only))
+    try:
+        run_pipeline(config, force=args.force, force_stages=tuple(args.force_stage), only=tuple(args.only))
+    except StageFailed as failure:
+        print(f"adpo run: {failure}; its error is above. Run the same command again to resume from that stage.",
+              file=sys.stderr)
+        return failure.code
     return 0
 
 

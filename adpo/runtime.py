@@ -4,6 +4,7 @@ loads, what a trainer writes beyond ``encoder/`` at its end, and how a command r
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import sys
@@ -118,6 +119,33 @@ def load_lvlm_for_tower_training(name_or_path: str, dtype: str | torch.dtype | N
     return model, processor
 
 
+STAGE_OUTPUTS = "adpo_outputs.json"
+
+
+def write_stage_outputs(output_dir: str | os.PathLike, **outputs: str | os.PathLike) -> Path:
+    """Declare what a stage wrote, as paths relative to its ``output_dir`` (``encoder``, ``lvlm``, ``dataset``,
+    ``model``, ``report``), in ``<output_dir>/adpo_outputs.json``: what ``adpo run`` and users read instead of guessing."""
+    from adpo.io import write_json_atomic
+
+    root = Path(output_dir)
+    declared = {name: os.path.relpath(Path(path), root) for name, path in outputs.items()}
+    return write_json_atomic(root / STAGE_OUTPUTS, declared)
+
+
+def stage_output(output_dir: str | os.PathLike, name: str) -> Path:
+    """The output ``name`` a stage declared in ``output_dir`` (see :func:`write_stage_outputs`)."""
+    from adpo.errors import UsageError
+
+    declared_file = Path(output_dir) / STAGE_OUTPUTS
+    try:
+        declared = json.loads(declared_file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{output_dir} declares no outputs ({STAGE_OUTPUTS} is missing): did its stage finish?") from None
+    if name not in declared:
+        raise UsageError(f"{output_dir} declares no {name!r} output; it has {sorted(declared)}")
+    return Path(output_dir) / declared[name]
+
+
 def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:
     """The trained encoder inside a checkpoint (``<checkpoint>/encoder``), or an error naming what is missing."""
     encoder_dir = Path(checkpoint) / ENCODER_DIRNAME
@@ -186,7 +214,8 @@ def write_requested_exports(
     encoder_copy_dtype: str | None,
     trust_remote_code: bool = False,
 ) -> None:
-    """The final outputs a run writes besides its fp32 ``encoder/``, when its config asks for them.
+    """The final outputs a run writes besides its fp32 ``encoder/``, when its config asks for them, and the file
+    declaring them all (:func:`write_stage_outputs`: ``encoder``, and ``encoder_<dtype>`` / ``lvlm`` when written).
 
     * ``encoder_copy_dtype``: ``<output_dir>/encoder-<dtype>/``, the trained encoder cast to that dtype.
     * ``save_lvlm``: ``<output_dir>/lvlm/``, the original LVLM ``base_model`` loaded as stored (its own dtype)
@@ -197,17 +226,20 @@ def write_requested_exports(
     from adpo.models import load_lvlm, resolve_dtype
 
     out = Path(output_dir)
+    outputs = {"encoder": out / ENCODER_DIRNAME}
     if encoder_copy_dtype is not None:
         dtype = resolve_dtype(encoder_copy_dtype)
         name = str(dtype).removeprefix("torch.")
         copied = copy.deepcopy(encoder).to(dtype)
-        save_encoder(copied, out / f"encoder-{name}", image_processor, {**card, "dtype": name})
+        outputs[f"encoder_{name}"] = save_encoder(copied, out / f"encoder-{name}", image_processor, {**card, "dtype": name})
     if save_lvlm:
         model, processor = load_lvlm(base_model, trust_remote_code=trust_remote_code)
         put_encoder(model, encoder)  # cast to the tower's stored dtype
         with atomic_directory(out / LVLM_DIRNAME) as staging:
             model.save_pretrained(staging, safe_serialization=True)
             processor.save_pretrained(staging)
+        outputs["lvlm"] = out / LVLM_DIRNAME
+    write_stage_outputs(out, **outputs)
 
 
 def run_as_process(main) -> int:
@@ -218,8 +250,8 @@ def run_as_process(main) -> int:
     the others; ``ADPO_DEBUG=1`` keeps the traceback. Any other exception is a bug and keeps its traceback.
 
     A launched (multi-process) run that exits with its gloo/NCCL group still up can abort in the backend's
-    teardown after all work is saved (seen as SIGABRT on CPU runs). Only process entry points call this:
-    ``adpo run`` calls the stages' ``main`` in-process, and they must keep the group for the next stage.
+    teardown after all work is saved (seen as SIGABRT on CPU runs). Only process entry points call this (``adpo run``
+    starts every stage as its own process, which calls it).
     """
     from adpo.errors import UsageError, debugging, error_line
 

@@ -36,9 +36,9 @@ from adpo.io import write_json_atomic, write_text_atomic
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
 from adpo.objectives import EmbeddingDistance
-from adpo.pairs_format import features_for
+from adpo.pairs_format import DATASET_DIR, features_for
 from adpo.preprocess import ImageLoadError, to_pixels, to_uint8_images
-from adpo.runtime import derived_seed
+from adpo.runtime import derived_seed, write_stage_outputs
 
 import pairs.shards as shard_files  # write_shard looked up at call time (tests simulate a crash through it)
 from pairs.card import build_summary, render_card
@@ -302,6 +302,7 @@ def run(config: PairsConfig) -> dict:
         write_json_atomic(summary_path, summary)
         card = render_card(summary)
         write_text_atomic(output_dir / "README.md", card)
+        write_stage_outputs(output_dir, dataset=output_dir / DATASET_DIR, summary=summary_path)
         if config.push_to_hub:
             kept.push_to_hub(config.hub_repo_id, private=config.hub_private)
             from huggingface_hub import DatasetCard

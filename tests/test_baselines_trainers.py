@@ -94,6 +94,7 @@ def test_fare_on_a_standalone_encoder_changes_only_the_encoder_and_writes_the_in
     trainer.save_model()
 
     out = tmp_path / "run" / "encoder"
+    assert json.loads((tmp_path / "run" / "adpo_outputs.json").read_text()) == {"encoder": "encoder"}  # declared
     reloaded = CLIPVisionModel.from_pretrained(out)  # the interchange format: a CLIPVisionModel directory
     assert isinstance(reloaded, CLIPVisionModel)
     assert (out / "preprocessor_config.json").exists()

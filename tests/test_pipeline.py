@@ -7,6 +7,24 @@ import yaml
 from adpo import pipeline
 
 
+@pytest.fixture(autouse=True)
+def declared_outputs(monkeypatch):
+    """Stages faked by these tests write nothing: a trained encoder is where every trainer declares it."""
+    monkeypatch.setattr(pipeline, "stage_output", lambda directory, name: Path(directory) / name)
+
+
+def run_stages_in_process(monkeypatch):
+    """Run each stage in this process (production starts a process per stage), so a test can reach into it."""
+    from adpo.cli import main
+
+    def in_process(argv):
+        code = main(argv)
+        if code:
+            raise pipeline.StageFailed(argv, code)
+
+    monkeypatch.setattr(pipeline, "_adpo", in_process)
+
+
 def _config(tmp_path, methods=("fare", "adpo"), eval_samples=2):
     content = {
         "output_dir": str(tmp_path / "out"),
@@ -388,6 +406,7 @@ def test_adpo_run_killed_in_training_resumes_from_its_checkpoint_without_repeati
         path.write_text(yaml.safe_dump(content))
         return pipeline.PipelineConfig.from_yaml(path)
 
+    run_stages_in_process(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(config_in("killed"), only=("train-fare",))
     assert started_at == [0, 1, 2]
@@ -413,3 +432,25 @@ def test_a_bad_pipeline_config_exits_2_in_one_line(tmp_path, capsys):
         assert run_as_process(lambda: pipeline.main(["--config", str(path)])) == 2
         error = capsys.readouterr().err
         assert error.startswith("adpo: error: ") and message in error and error.count("\n") == 1
+
+
+def test_each_stage_runs_as_its_own_process_and_a_failed_one_stops_the_run_with_its_code(tmp_path, capfd):
+    content = {"output_dir": str(tmp_path / "out"), "small_model": "world:small", "large_model": "world:large",
+               "methods": ["fare"], "eval_large": False,
+               "train": {"fare": {"config": "configs/fare/world.yaml", "overrides": {"attack_steps": 0}}}}
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(content))
+    assert pipeline.main(["--config", str(path), "--only", "train-fare"]) == 2
+    error = capfd.readouterr().err
+    assert "adpo: error: " in error and "attack_steps=0; must be >= 1" in error  # printed by the stage's process
+    assert "adpo run: `adpo train fare --config" in error and "Run the same command again" in error
+
+
+def test_a_trainer_declares_its_outputs_where_the_pipeline_reads_them(tmp_path):
+    from adpo.runtime import STAGE_OUTPUTS, stage_output, write_stage_outputs
+
+    write_stage_outputs(tmp_path, encoder=tmp_path / "encoder", lvlm=tmp_path / "lvlm")
+    assert json.loads((tmp_path / STAGE_OUTPUTS).read_text()) == {"encoder": "encoder", "lvlm": "lvlm"}
+    assert stage_output(tmp_path, "encoder") == tmp_path / "encoder"
+    with pytest.raises(ValueError, match="declares no 'report' output; it has \\['encoder', 'lvlm'\\]"):
+        stage_output(tmp_path, "report")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def compare_main(argv: list[str]) -> int:
@@ -45,7 +46,8 @@ def run_main(argv: list[str]) -> int:
     from adpo.eval.config import EvalConfig
     from adpo.eval.loading import prepare
     from adpo.eval.protocol import run_protocol
-    from adpo.eval.report import REPORT_MARKDOWN, results_table
+    from adpo.eval.report import REPORT_JSON, REPORT_MARKDOWN, results_table
+    from adpo.runtime import write_stage_outputs
 
     (config,) = parse_config([EvalConfig], argv, prog="adpo eval",
                              description="Evaluate clean and adversarial robustness of an LVLM (or a CLIP encoder).")
@@ -55,6 +57,7 @@ def run_main(argv: list[str]) -> int:
     for check in report["sanity"]:
         if check["status"] != "pass":
             print(f"{check['status'].upper()} {check['check']}: {check['detail']}")
+    write_stage_outputs(config.output_dir, report=Path(config.output_dir) / REPORT_JSON)
     print(f"wrote {config.output_dir}/{REPORT_MARKDOWN} (+ report.json and plots)")
     return 0
 
