@@ -21,7 +21,6 @@ from adpo.plugins import model_plugin
 from adpo.preprocess import image_processor_of
 from adpo.tower import feature_selection, find_vision_tower
 
-
 # config model types read as a standalone encoder or a CLIP model; anything else with a vision tower is an LVLM
 ENCODER_MODEL_TYPES = ("clip_vision_model",)
 CLIP_MODEL_TYPES = ("clip",)
