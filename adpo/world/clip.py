@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from adpo.io import atomic_directory
+from adpo.losses.multimodal import clip_contrastive_loss
 from adpo.world.data import (
     CLASS_NAMES, CLASS_PROMPT_TEMPLATE, IMAGE_SIZE, SHAPES, class_index, load_world_dataset, world_vocabulary,
 )
@@ -216,18 +217,9 @@ def _text_table(dataset, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 def contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, ignore: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between L2-normalised embeddings (pair i is image i with text i).
-
-    ``ignore`` [B, B] (bool, False on the diagonal) marks pairs left out of both softmaxes, e.g. images and
-    texts of the same class, which are not true negatives.
-    """
-    image_embeds = F.normalize(image_embeds, dim=-1)
-    text_embeds = F.normalize(text_embeds, dim=-1)
-    logits = logit_scale.exp() * image_embeds @ text_embeds.t()
-    if ignore is not None:
-        logits = logits.masked_fill(ignore, float("-inf"))
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    """CLIP's symmetric InfoNCE (:func:`adpo.losses.multimodal.clip_contrastive_loss`) with the model's learned
+    ``logit_scale`` parameter (the logarithm of the scale)."""
+    return clip_contrastive_loss(image_embeds, text_embeds, logit_scale.exp(), ignore)
 
 
 def _shift(pixels: torch.Tensor, max_shift: int, generator: torch.Generator, *maps: torch.Tensor):
