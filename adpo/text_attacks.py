@@ -6,7 +6,10 @@ This module owns everything adversarial about *texts*, as :mod:`adpo.threat` and
   differs from ``t`` in at most ``max_substitutions`` token positions, only at *editable* positions (real tokens:
   not padding, not the tokenizer's special tokens), and every substituted token is in the candidate set of the
   ``candidates`` rule ("words": vocabulary entries that are alphabetic once the BPE markers ``</w>``, ``Ġ``, ``▁``,
-  ``##`` are stripped; "vocabulary": every non-special entry).
+  ``##`` are stripped; "vocabulary": every non-special entry). *Protected words* (the class names in zero-shot
+  classification and MMCoA, a configured list in ΔCLIP) are neither edited nor put in: without that, one
+  substitution turns "a photo of a red circle" into "a photo of a blue circle", which changes the label rather
+  than attacking the model.
 * :func:`text_attack` — a gradient-guided search inside that set (HotFlip, Ebrahimi et al. 2018): each round takes the
   gradient of the objective with respect to the text tower's input token embeddings, ranks every (position,
   candidate) substitution by its first-order gain ``(E[v] − E[t_i]) · ∂J/∂e_i``, keeps the ``shortlist`` best, and
@@ -54,24 +57,19 @@ class TextThreatModel:
     beam_width: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("max_substitutions", "shortlist", "beam_width"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"text attack: {key}={value!r} must be a whole number >= 1")
-        if self.candidates not in CANDIDATE_RULES:
-            raise UsageError(f"text attack: candidates={self.candidates!r}; use one of {CANDIDATE_RULES}")
+        check_text_threat_settings(self, prefix="")
 
     def describe(self) -> str:
         return (f"≤{self.max_substitutions} token substitution(s) from the '{self.candidates}' candidates "
                 f"(HotFlip ranking, shortlist {self.shortlist}, beam {self.beam_width})")
 
-    def allowed_tokens(self, tokenizer) -> torch.Tensor:
-        """Boolean [vocabulary size]: the tokens a substitution may put in."""
+    def allowed_tokens(self, tokenizer, protected_words: Sequence[str] = ()) -> torch.Tensor:
+        """Boolean [vocabulary size]: the tokens a substitution may put in (never a token of a protected word)."""
         size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
         allowed = torch.zeros(size, dtype=torch.bool)
-        special = set(tokenizer.all_special_ids)
+        excluded = set(tokenizer.all_special_ids) | protected_token_ids(tokenizer, protected_words)
         for token, index in tokenizer.get_vocab().items():
-            if index in special:
+            if index in excluded:
                 continue
             allowed[index] = self.candidates == "vocabulary" or _is_word(token)
         if not bool(allowed.any()):
@@ -79,10 +77,13 @@ class TextThreatModel:
         return allowed
 
     @staticmethod
-    def editable_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer) -> torch.Tensor:
-        """Boolean [B, L]: positions a substitution may change (real tokens that are not special ones)."""
-        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=input_ids.dtype, device=input_ids.device)
-        return attention_mask.bool() & ~torch.isin(input_ids, special)
+    def editable_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer,
+                           protected_words: Sequence[str] = ()) -> torch.Tensor:
+        """Boolean [B, L]: positions a substitution may change (real tokens that are neither special nor a token
+        of a protected word)."""
+        fixed = set(tokenizer.all_special_ids) | protected_token_ids(tokenizer, protected_words)
+        fixed_ids = torch.tensor(sorted(fixed), dtype=input_ids.dtype, device=input_ids.device)
+        return attention_mask.bool() & ~torch.isin(input_ids, fixed_ids)
 
     def contains(self, adversarial_ids: torch.Tensor, input_ids: torch.Tensor, editable: torch.Tensor,
                  allowed: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,25 @@ class TextThreatModel:
         inside = (changed & ~editable).sum(dim=1) == 0
         allowed_here = allowed.to(adversarial_ids.device)[adversarial_ids] | ~changed
         return inside & allowed_here.all(dim=1) & (changed.sum(dim=1) <= self.max_substitutions)
+
+
+def check_text_threat_settings(config: object, prefix: str = "text_") -> None:
+    """The text threat model's settings of a config (``text_max_substitutions``, ...), checked under their config
+    names; raises :class:`adpo.errors.UsageError`."""
+    for key in ("max_substitutions", "shortlist", "beam_width"):
+        value = getattr(config, prefix + key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{prefix}{key}={value!r} must be a whole number >= 1")
+    if getattr(config, prefix + "candidates") not in CANDIDATE_RULES:
+        raise UsageError(f"{prefix}candidates={getattr(config, prefix + 'candidates')!r}; use one of {CANDIDATE_RULES}")
+
+
+def protected_token_ids(tokenizer, words: Sequence[str]) -> set[int]:
+    """The token ids of ``words`` (each word tokenised alone, without special tokens)."""
+    ids: set[int] = set()
+    for word in words:
+        ids.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 def _is_word(token: str) -> bool:

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +31,13 @@ from adpo.io import atomic_directory
 from adpo.lvlm import VisionTower, resolve_dtype, save_encoder
 from adpo.preprocess import image_processor_of
 from adpo.runtime import ENCODER_DIRNAME
-from adpo.text_attacks import CANDIDATE_RULES, TextAttackResult, TextObjective, TextThreatModel, text_attack
+from adpo.text_attacks import (
+    TextAttackResult,
+    TextObjective,
+    TextThreatModel,
+    check_text_threat_settings,
+    text_attack,
+)
 from trainers.encoder_trainer import (
     WORLD_CLIP,
     EncoderAdversarialTrainer,
@@ -91,17 +97,6 @@ class ClipTrainingConfig(EncoderTrainingConfig):
     def text_threat(self) -> TextThreatModel:
         return TextThreatModel(max_substitutions=self.text_max_substitutions, candidates=self.text_candidates,
                                shortlist=self.text_shortlist, beam_width=self.text_beam_width)
-
-
-def check_text_threat_settings(config: Any, prefix: str = "text_") -> None:
-    """The text threat model's settings of a config (``text_max_substitutions``, ...), checked under their config
-    names; raises :class:`adpo.errors.UsageError`."""
-    for key in ("max_substitutions", "shortlist", "beam_width"):
-        value = getattr(config, prefix + key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"{prefix}{key}={value!r} must be a whole number >= 1")
-    if getattr(config, prefix + "candidates") not in CANDIDATE_RULES:
-        raise UsageError(f"{prefix}candidates={getattr(config, prefix + 'candidates')!r}; use one of {CANDIDATE_RULES}")
 
 
 class ClipPixelModel(nn.Module):
@@ -212,19 +207,23 @@ class ClipAdversarialTrainer(EncoderAdversarialTrainer):
     """An :class:`EncoderAdversarialTrainer` over a whole CLIPModel: adds the text attack, and saves and resumes both
     towers (``clip/``, ``adapter/`` with LoRA) besides the image tower's ``encoder/``."""
 
-    def __init__(self, model: ClipPixelModel, args: ClipTrainingConfig, processor: Any = None, **kwargs: Any):
+    def __init__(self, model: ClipPixelModel, args: ClipTrainingConfig, processor: Any = None,
+                 protected_words: Sequence[str] = (), **kwargs: Any):
         if processor is None:
             raise ValueError("processor is required: its tokenizer encodes the texts and it is saved beside clip/")
         super().__init__(model=model, args=args, image_processor=image_processor_of(processor), **kwargs)
         self.processor = processor
         self.tokenizer_for_text = processor.tokenizer
         self.text_threat = args.text_threat
-        self.allowed_tokens = self.text_threat.allowed_tokens(self.tokenizer_for_text)
+        # words the text attack neither edits nor puts in (class names): changing them changes the label
+        self.protected_words = list(protected_words)
+        self.allowed_tokens = self.text_threat.allowed_tokens(self.tokenizer_for_text, self.protected_words)
 
     # --- the text attack ---------------------------------------------------------------------------
     def attack_text(self, objective: TextObjective, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextAttackResult:
         """The inner maximisation over texts, run to its last round (no early stop), as the image attack is."""
-        editable = self.text_threat.editable_positions(input_ids, attention_mask, self.tokenizer_for_text)
+        editable = self.text_threat.editable_positions(input_ids, attention_mask, self.tokenizer_for_text,
+                                                       self.protected_words)
         return text_attack(objective, input_ids, attention_mask, self.text_threat, self.allowed_tokens, editable,
                            early_stop=False)
 
@@ -238,7 +237,7 @@ class ClipAdversarialTrainer(EncoderAdversarialTrainer):
             "text_threat_model": self.text_threat.describe(),
             "text_attack": {"name": "hotflip", "max_substitutions": args.text_max_substitutions,
                             "candidates": args.text_candidates, "shortlist": args.text_shortlist,
-                            "beam_width": args.text_beam_width},
+                            "beam_width": args.text_beam_width, "protected_words": self.protected_words},
         }
 
     def exported_clip(self) -> CLIPModel:

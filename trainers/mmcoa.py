@@ -3,7 +3,8 @@
     min_θ,φ  E_(x,y)  CE(s · cos(f_θ(x'), g_φ(t_c))_c, y)  +  λ · CE(s · cos(f_θ(x), g_φ(t_c | t'_y))_c, y)
 
 x' maximises the first term in the ℓp ball (PGD, TeCoA's attack); t'_y maximises the second among the texts within
-k token substitutions of the true class's prompt t_y ("a photo of a {class}"), by the core's HotFlip attack; t_c | t'_y
+k token substitutions of the true class's prompt t_y ("a photo of a {class}"; the class names' words are protected:
+never edited, never put in), by the core's HotFlip attack; t_c | t'_y
 is the class prompts with t_y replaced by t'_y. So adversarial images are aligned with clean texts and adversarial
 texts with clean images, and both towers train (``freeze_text_tower: true`` trains the image tower only;
 ``lora_rank`` > 0 trains LoRA adapters instead of every weight). The two attacks are independent (each term holds
@@ -73,7 +74,7 @@ class MmcoaTrainer(ClipAdversarialTrainer):
     )
 
     def __init__(self, model: ClipPixelModel, args: MmcoaConfig, class_names: list[str], logit_scale: float, **kwargs: Any):
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=model, args=args, protected_words=class_names, **kwargs)
         self.class_names = list(class_names)
         self.logit_scale = float(logit_scale)
         prompts = [args.class_prompt_template.format(name) for name in self.class_names]

@@ -37,7 +37,8 @@ class ZeroShotModel:
     """A CLIP zero-shot classifier on pixel-space images: ``embed_fn`` gives image embeddings in the text space."""
 
     def __init__(self, embed_fn: Callable[[torch.Tensor], torch.Tensor], class_embeddings: torch.Tensor, class_names: Sequence[str],
-                 logit_scale: float, modules: Sequence[torch.nn.Module], device: torch.device):
+                 logit_scale: float, modules: Sequence[torch.nn.Module], device: torch.device, text=None):
+        self.text = text  # adpo.eval.multimodal.ZeroShotText, for the text and joint attacks
         self.embed_fn = embed_fn
         self.class_embeddings = class_embeddings
         self.class_names = list(class_names)

@@ -72,6 +72,12 @@ class EvalConfig:
     target: str = field(default="https://tinyurl.com/adpo-target", metadata={"help": "targeted: the string the attack tries to make the model output."})
     caption_break_threshold: float = field(default=0.1, metadata={"help": "caption: a sample with CIDEr below this (pycocoevalcap units; 0.1 = 10 in papers) is broken and no longer attacked."})
     zeroshot_target_classes: int = field(default=3, metadata={"help": "zeroshot: targeted APGD toward the top-k wrong classes."})
+    attack_modalities: list[str] = field(default_factory=lambda: ["image"], metadata={"help": "zeroshot: any of image (the APGD ensemble), "
+                                                                                      "text (the class prompt, k substitutions), joint (image then text), side by side."})
+    text_max_substitutions: int = field(default=1, metadata={"help": "Text and joint attacks: at most this many token substitutions (k)."})
+    text_candidates: str = field(default="words", metadata={"help": "Text attack substitutes: words (alphabetic vocabulary entries) | vocabulary."})
+    text_shortlist: int = field(default=16, metadata={"help": "Text attack: substitutions per text and round scored exactly after HotFlip's ranking."})
+    text_beam_width: int = field(default=1, metadata={"help": "Text attack: texts kept per round (1 = greedy)."})
     step_check_steps: int = field(default=10, metadata={"help": "Re-run the largest epsilon with this many steps to check that more steps never help the model (0 = skip)."})
 
     # -- execution and output
@@ -98,6 +104,7 @@ class EvalConfig:
         if self.batch_size < 1 or self.num_samples < 1 or self.questions_per_image < 1:
             raise UsageError(f"batch_size ({self.batch_size}), num_samples ({self.num_samples}) and questions_per_image "
                              f"({self.questions_per_image}) must be >= 1.")
+        check_attack_modalities(self)
         if not self.attack_eps:
             raise UsageError("attack_eps must list at least one epsilon, e.g. attack_eps: ['2/255', '4/255'].")
         self.attack_eps = [str(e) for e in self.attack_eps]
@@ -120,3 +127,18 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_attack_modalities(config: EvalConfig) -> None:
+    """``attack_modalities`` and the text threat model's settings; text and joint attacks are zero-shot only."""
+    from adpo.eval.multimodal import MODALITIES
+    from adpo.text_attacks import check_text_threat_settings
+
+    unknown = [m for m in config.attack_modalities if m not in MODALITIES]
+    if unknown or "image" not in config.attack_modalities:
+        raise UsageError(f"attack_modalities={config.attack_modalities} must list image and any of text, joint "
+                         f"(choices {MODALITIES}); the image attacks always run")
+    if config.task != "zeroshot" and config.attack_modalities != ["image"]:
+        raise UsageError(f"attack_modalities={config.attack_modalities}: text and joint attacks attack a class prompt, "
+                         "so they need task: zeroshot")
+    check_text_threat_settings(config)

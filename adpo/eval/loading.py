@@ -136,7 +136,12 @@ def build_zeroshot_model(config: EvalConfig, class_names: list[str]):
         return clip.visual_projection(tower.pooled(pixels).to(clip.visual_projection.weight.dtype))
 
     logit_scale = float(clip.logit_scale.detach().exp())
-    return ZeroShotModel(embed, classes, class_names, logit_scale, (tower, clip), device), processor
+    text = None
+    if config.attack_modalities != ["image"]:
+        from adpo.eval.multimodal import ZeroShotText
+
+        text = ZeroShotText.from_clip(clip, processor.tokenizer, class_names, config.class_prompt)
+    return ZeroShotModel(embed, classes, class_names, logit_scale, (tower, clip), device, text=text), processor
 
 
 def prepare(config: EvalConfig):

@@ -141,6 +141,12 @@ def run_protocol(
             "per_sample": {s.id: o.scores[task.primary] for s, o in zip(samples, final)},
         }
 
+    multimodal = None
+    if config.task == "zeroshot" and config.attack_modalities != ["image"]:
+        from adpo.eval.multimodal import multimodal_attacks
+
+        multimodal = multimodal_attacks(config, model, samples, pixels, clean, runs)
+
     report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
@@ -156,6 +162,7 @@ def run_protocol(
         "clean": task.aggregate(samples, clean_outputs, [c.scores for c in clean]),
         "robust": rows,
         "step_check": step_check,
+        **({"multimodal": multimodal} if multimodal is not None else {}),
         "samples": [
             {
                 "id": sample.id,

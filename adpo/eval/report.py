@@ -220,6 +220,10 @@ def render_markdown(report: dict) -> str:
     lines += ["## Sanity checks", ""]
     for check in report["sanity"]:
         lines.append(f"- **{_STATUS_MARK[check['status']]}** `{check['check']}` — {check['detail']}")
+    if report.get("multimodal"):
+        from adpo.eval.multimodal import markdown as multimodal_markdown
+
+        lines += ["", multimodal_markdown(report).rstrip()]
     lines += ["", "## Protocol", "", report["protocol"]["summary"], ""]
     if report.get("examples"):
         lines += ["## Examples", "", f"![examples]({PLOT_EXAMPLES})", ""]
