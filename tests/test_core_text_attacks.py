@@ -43,17 +43,18 @@ sentences = st.lists(st.lists(st.sampled_from(world_vocabulary()), min_size=1, m
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=sentences, k=st.integers(1, 3), beam=st.integers(1, 2), rule=st.sampled_from(["words", "vocabulary"]),
-       early_stop=st.booleans())
+       early_stop=st.booleans(), protected=st.lists(st.sampled_from(world_vocabulary()), max_size=8))
 def test_perturbed_text_differs_in_at_most_k_positions_and_only_by_allowed_candidates(clip_and_tokenizer, words, k, beam,
-                                                                                      rule, early_stop):
+                                                                                      rule, early_stop, protected):
     clip, tokenizer = clip_and_tokenizer
     encoded = tokenizer([" ".join(w) for w in words], padding=True, return_tensors="pt")
     threat = TextThreatModel(max_substitutions=k, candidates=rule, shortlist=8, beam_width=beam)
-    allowed = threat.allowed_tokens(tokenizer)
-    editable = threat.editable_positions(encoded["input_ids"], encoded["attention_mask"], tokenizer)
+    allowed = threat.allowed_tokens(tokenizer, protected)
+    editable = threat.editable_positions(encoded["input_ids"], encoded["attention_mask"], tokenizer, protected)
     objective = _zero_shot_objective(clip, tokenizer, encoded, list(range(len(words))))
     result = text_attack(objective, encoded["input_ids"], encoded["attention_mask"], threat, allowed, editable,
                          early_stop=early_stop)
+    protected_ids = set(tokenizer.convert_tokens_to_ids(protected))
 
     assert result.input_ids.shape == encoded["input_ids"].shape
     changed = result.input_ids != encoded["input_ids"]
@@ -66,6 +67,7 @@ def test_perturbed_text_differs_in_at_most_k_positions_and_only_by_allowed_candi
         assert int(encoded["input_ids"][row, column]) not in special  # BOS / EOS / padding are never edited
         new = int(result.input_ids[row, column])
         assert new not in special
+        assert new not in protected_ids and int(encoded["input_ids"][row, column]) not in protected_ids
         if rule == "words":
             assert vocabulary[new].isalpha(), vocabulary[new]
     assert bool(threat.contains(result.input_ids, encoded["input_ids"], editable, allowed).all())

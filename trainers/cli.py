@@ -11,6 +11,7 @@ METHODS: dict[str, str] = {
     "fare": "FARE: unsupervised adversarial fine-tuning that keeps embeddings close to the original encoder's",
     "tecoa": "TeCoA: supervised adversarial fine-tuning against text embeddings of class prompts",
     "simclip": "Sim-CLIP: adversarial fine-tuning maximising cosine similarity to the clean embedding",
+    "deltaclip": "ΔCLIP: adversarial contrastive vision-language pre-training of a whole CLIP model (from scratch or a checkpoint)",
     "mmcoa": "MMCoA: both CLIP towers against image and text attacks (adversarial images vs clean prompts, clean images vs adversarial prompts)",
 }
 
