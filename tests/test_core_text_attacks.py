@@ -90,15 +90,15 @@ def test_one_substitution_with_a_full_shortlist_finds_the_exhaustive_optimum(cli
     result = text_attack(objective, encoded["input_ids"], encoded["attention_mask"], threat, allowed, editable,
                          early_stop=False)
     for row in range(2):
-        best = objective.subset(torch.tensor([row])).evaluate(encoded["input_ids"][row:row + 1],
-                                                              encoded["attention_mask"][row:row + 1]).values.item()
+        variants = [encoded["input_ids"][row].clone()]  # the clean text, then every single substitution
         for position in editable[row].nonzero().flatten().tolist():
             for token in allowed.nonzero().flatten().tolist():
-                ids = encoded["input_ids"][row:row + 1].clone()
-                ids[0, position] = token
-                with torch.no_grad():
-                    value = objective.subset(torch.tensor([row])).evaluate(ids, encoded["attention_mask"][row:row + 1]).values
-                best = max(best, value.item())
+                variants.append(encoded["input_ids"][row].clone())
+                variants[-1][position] = token
+        ids = torch.stack(variants)
+        owner = torch.full((len(ids),), row)
+        with torch.no_grad():
+            best = objective.subset(owner).evaluate(ids, encoded["attention_mask"][owner]).values.max().item()
         assert result.values[row].item() == pytest.approx(best, abs=1e-4)
 
 
