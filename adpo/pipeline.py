@@ -42,10 +42,10 @@ RUNNING_MARKER = "STAGE_RUNNING.json"  # written when a stage starts, removed wh
 ORIGINAL = "original"
 # stage-config keys that name a model or encoder to load: a stage is redone when the weights behind one change
 MODEL_KEYS = ("model_name_or_path", "text_model_name_or_path", "model", "clip_model", "target", "encoder")
-METHODS = ("fare", "tecoa", "simclip", "adpo")
+METHODS = ("fare", "tecoa", "simclip", "adpo", "mmcoa", "deltaclip")
 # Each trainer's key for "train on the first N images" (AdPO with stored pairs: the pairs stage's images).
 TRAIN_IMAGES_KEYS = {"fare": "max_train_samples", "tecoa": "max_train_samples", "simclip": "max_train_samples",
-                     "adpo": "max_images"}
+                     "adpo": "max_images", "mmcoa": "max_train_samples", "deltaclip": "max_train_samples"}
 
 
 @dataclass
@@ -75,6 +75,7 @@ class PipelineConfig:
     transfer: StageSpec = field(default_factory=StageSpec)
     eval: StageSpec = field(default_factory=StageSpec)
     eval_large: bool = True
+    eval_zeroshot: StageSpec | None = None  # zero-shot under image/text/joint attacks (adpo/pipeline_zeroshot.py)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "PipelineConfig":
@@ -101,7 +102,8 @@ class PipelineConfig:
             return StageSpec(config=value.get("config"), overrides=dict(value.get("overrides") or {}),
                              trainer=value.get("trainer"))
 
-        config = cls(**{k: v for k, v in raw.items() if k not in ("pairs", "train", "transfer", "eval")})
+        config = cls(**{k: v for k, v in raw.items() if k not in ("pairs", "train", "transfer", "eval", "eval_zeroshot")})
+        config.eval_zeroshot = spec(raw["eval_zeroshot"], "eval_zeroshot") if raw.get("eval_zeroshot") else None
         config.pairs = spec(raw.get("pairs"), "pairs")
         config.transfer = spec(raw.get("transfer"), "transfer")
         config.eval = spec(raw.get("eval"), "eval")
@@ -261,6 +263,11 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             keys["attack_eps"] = train_eps
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
                                      inputs, _resume_training))
+
+    if config.eval_zeroshot is not None:  # right after training: they need no transfer
+        from adpo.pipeline_zeroshot import zeroshot_stages
+
+        stages += zeroshot_stages(config, out, Stage, _command_stage, _merged_config, _adpo, ORIGINAL)
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
