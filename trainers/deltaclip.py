@@ -12,7 +12,7 @@ cross-entropy against the batch's clean images, within k token substitutions (th
 image is seen, or with ``class_prompt_probability`` the class prompt of a labelled image.
 
     adpo train deltaclip --config configs/deltaclip/world.yaml
-    accelerate launch trainers/deltaclip.py --config configs/deltaclip/world-gpu.yaml
+    accelerate launch -m trainers.deltaclip --config configs/deltaclip/world-gpu.yaml
 """
 
 from __future__ import annotations
@@ -21,11 +21,7 @@ import math
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
-
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/deltaclip.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from transformers import TrainerCallback

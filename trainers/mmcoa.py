@@ -12,7 +12,7 @@ one adversarial input), so each step runs the image attack, then the text attack
 model's logit scale, fixed (``logit_scale`` overrides it). Needs labelled images and class names, as TeCoA does.
 
     adpo train mmcoa --config configs/mmcoa/world.yaml
-    accelerate launch trainers/mmcoa.py --config configs/mmcoa/clip-vit-l14-224.yaml
+    accelerate launch -m trainers.mmcoa --config configs/mmcoa/clip-vit-l14-224.yaml
 """
 
 from __future__ import annotations
@@ -20,11 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/mmcoa.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
