@@ -16,7 +16,6 @@ reads back). Both exports hold the merged fp32 weights.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,6 @@ from trainers.encoder_trainer import (
     _vision_part,
 )
 
-logger = logging.getLogger(__name__)
 
 CLIP_DIRNAME = "clip"
 ADAPTER_DIRNAME = "adapter"

@@ -17,7 +17,6 @@ model's logit scale, fixed (``logit_scale`` overrides it). Needs labelled images
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,6 @@ from trainers.clip_trainer import (
 )
 from trainers.encoder_trainer import load_training_images, train_and_save
 
-logger = logging.getLogger(__name__)
 
 MMCOA_PROMPT_TEMPLATE = "a photo of a {}"
 
