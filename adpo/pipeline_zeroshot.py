@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from adpo.io import atomic_directory, write_json_atomic
+from adpo.runtime import CLIP_DIRNAME
 
 # Trainers that write a whole CLIPModel in <run>/clip (both towers trained).
 CLIP_TRAINERS = ("mmcoa", "deltaclip")
-CLIP_DIRNAME = "clip"
 
 
 def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merged_config: Callable, adpo: Callable,

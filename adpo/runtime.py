@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 HALF_DTYPES = ("bfloat16", "bf16", "float16", "fp16")
 # Where every trainer writes what it trained, in a run directory and in each of its checkpoints.
 ENCODER_DIRNAME = "encoder"
+# Where the whole-CLIP trainers (MMCoA, ΔCLIP) write the CLIPModel they trained, beside encoder/.
+CLIP_DIRNAME = "clip"
 LVLM_DIRNAME = "lvlm"
 
 

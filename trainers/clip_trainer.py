@@ -29,7 +29,7 @@ from adpo.errors import UsageError
 from adpo.io import atomic_directory
 from adpo.lvlm import VisionTower, resolve_dtype, save_encoder
 from adpo.preprocess import image_processor_of
-from adpo.runtime import ENCODER_DIRNAME
+from adpo.runtime import CLIP_DIRNAME, ENCODER_DIRNAME
 from adpo.text_attacks import (
     TextAttackResult,
     TextObjective,
@@ -45,8 +45,6 @@ from trainers.encoder_trainer import (
     _vision_part,
 )
 
-
-CLIP_DIRNAME = "clip"
 ADAPTER_DIRNAME = "adapter"
 
 

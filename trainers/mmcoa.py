@@ -36,7 +36,6 @@ from trainers.clip_trainer import (
 )
 from trainers.encoder_trainer import load_training_images, train_and_save
 
-
 MMCOA_PROMPT_TEMPLATE = "a photo of a {}"
 
 
