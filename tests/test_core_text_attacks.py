@@ -41,7 +41,7 @@ def _zero_shot_objective(clip, tokenizer, encoded, labels, seed=0):
 sentences = st.lists(st.lists(st.sampled_from(world_vocabulary()), min_size=1, max_size=6), min_size=1, max_size=3)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=sentences, k=st.integers(1, 3), beam=st.integers(1, 2), rule=st.sampled_from(["words", "vocabulary"]),
        early_stop=st.booleans(), protected=st.lists(st.sampled_from(world_vocabulary()), max_size=8))
 def test_perturbed_text_differs_in_at_most_k_positions_and_only_by_allowed_candidates(clip_and_tokenizer, words, k, beam,
