@@ -46,7 +46,7 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
             keys.update(clip_model=base_clip, model=base_clip, encoder=str(out / "train" / method / "run"))
             inputs, resolve = (f"train-{method}",), _with_encoder(out, method)
         if config.eps is not None:
-            keys["eps"] = [config.eps]
+            keys["attack_eps"] = [config.eps]
         stage_name = f"zeroshot-{method}"
         stages.append(command_stage(stage_name, directory, ["eval"], merged_config(spec, keys), inputs, resolve))
         report_dirs.append(directory / "report")

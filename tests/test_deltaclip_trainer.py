@@ -31,7 +31,7 @@ def clip_dir(tmp_path_factory):
 def _config(clip_dir, out: Path, **overrides) -> deltaclip.DeltaClipConfig:
     options = dict(
         model_name_or_path=str(clip_dir), dataset="world", max_train_samples=8, output_dir=str(out),
-        per_device_train_batch_size=4, max_steps=2, attack_steps=2, eps="8/255", attack_step_size="4/255",
+        per_device_train_batch_size=4, max_steps=2, attack_steps=2, attack_eps="8/255", attack_step_size="4/255",
         text_max_substitutions=1, text_shortlist=8, class_prompt_probability=0.5, clean_loss_weight=1.0,
         learning_rate=1e-3, warmup_steps=0, save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
         seed=0, text_protected_words=["red", "green", "blue", "circle", "square"],

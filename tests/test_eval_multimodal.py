@@ -16,7 +16,7 @@ def test_text_and_joint_rows_beside_the_image_rows(tmp_path):
 
     out = tmp_path / "eval"
     assert main(["--task", "zeroshot", "--clip_model", "world:clip", "--model", "world:clip", "--data", "world:test",
-                 "--num_samples", "4", "--eps", "8/255", "--steps", "2", "--zeroshot_target_classes", "0",
+                 "--num_samples", "4", "--attack_eps", "8/255", "--attack_steps", "2", "--zeroshot_target_classes", "0",
                  "--precision_schedule", "float32", "--step_check_steps", "0", "--num_examples", "0",
                  "--attack_modalities", "image", "text", "joint", "--text_max_substitutions", "2",
                  "--output_dir", str(out), "--progress", "false"]) == 0

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPVisionModel, TrainerCallback
 
 from adpo.errors import UsageError
-from adpo.lvlm import canonical_encoder_state
+from adpo.encoder_io import canonical_encoder_state
 from adpo.world.clip import WorldClipSize, build_world_clip_config, build_world_processor, build_world_tokenizer
 from trainers import mmcoa
 
@@ -42,7 +42,7 @@ def assets(tmp_path_factory):
 def _config(assets, out: Path, **overrides) -> mmcoa.MmcoaConfig:
     options = dict(
         model_name_or_path=str(assets / "clip"), dataset=str(assets / "images"), output_dir=str(out),
-        per_device_train_batch_size=4, max_steps=2, attack_steps=2, eps="8/255", attack_step_size="4/255",
+        per_device_train_batch_size=4, max_steps=2, attack_steps=2, attack_eps="8/255", attack_step_size="4/255",
         text_max_substitutions=2, text_shortlist=8, learning_rate=1e-3, warmup_steps=0, save_strategy="no",
         logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
     )
@@ -131,7 +131,7 @@ def test_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"text_max_substitutions": 0}, "text_max_substitutions=0"),
     ({"text_candidates": "bert"}, "candidates='bert'"),
-    ({"model_name_or_path": "world:small"}, "only 'world:clip' has a text tower"),
+    ({"model_name_or_path": "world:small"}, "is not a CLIPModel"),
     ({"class_prompt_template": "a photo"}, "needs a {}"),
 ])
 def test_bad_settings_are_refused_before_any_model_loads(assets, tmp_path, options, message):
@@ -174,5 +174,5 @@ def test_shipped_configs_parse(name):
         ["--config", str(configs / "mmcoa" / name), "--use_cpu", "true", *stand_in])
     assert config.text_threat.max_substitutions == 1 and not config.freeze_text_tower
     if name != "world.yaml":
-        assert config.threat.eps == pytest.approx(2 / 255) and config.learning_rate == pytest.approx(1e-5)
+        assert config.threat_model().eps == pytest.approx(2 / 255) and config.learning_rate == pytest.approx(1e-5)
         assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128

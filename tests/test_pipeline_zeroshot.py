@@ -12,7 +12,8 @@ from adpo.pipeline_zeroshot import multimodal_comparison, multimodal_markdown
 
 def _config(tmp_path, methods=("fare", "mmcoa")):
     content = {
-        "output_dir": str(tmp_path / "out"), "methods": list(methods), "train_images": 16,
+        "output_dir": str(tmp_path / "out"), "small_model": "world:small", "large_model": "world:large",
+        "methods": list(methods), "train_images": 16,
         "train": {m: {"overrides": {"max_steps": 1}} for m in methods},
         "eval": {"overrides": {"num_samples": 2}},
         "eval_zeroshot": {"config": "configs/eval/world_zeroshot.yaml",

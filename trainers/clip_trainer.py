@@ -27,7 +27,8 @@ from transformers import CLIPModel, CLIPVisionModel
 
 from adpo.errors import UsageError
 from adpo.io import atomic_directory
-from adpo.lvlm import VisionTower, resolve_dtype, save_encoder
+from adpo.encoder_io import save_encoder
+from adpo.models import clip_vision_part, load_clip, model_type_of, resolve_dtype
 from adpo.preprocess import image_processor_of
 from adpo.runtime import CLIP_DIRNAME, ENCODER_DIRNAME
 from adpo.text_attacks import (
@@ -37,13 +38,8 @@ from adpo.text_attacks import (
     check_text_threat_settings,
     text_attack,
 )
-from trainers.encoder_trainer import (
-    WORLD_CLIP,
-    EncoderAdversarialTrainer,
-    EncoderTrainingConfig,
-    _model_type,
-    _vision_part,
-)
+from adpo.tower import VisionTower
+from trainers.encoder_trainer import EncoderAdversarialTrainer, EncoderTrainingConfig
 
 ADAPTER_DIRNAME = "adapter"
 
@@ -80,13 +76,9 @@ class ClipTrainingConfig(EncoderTrainingConfig):
             raise UsageError(f"lora_rank={self.lora_rank} must be >= 0 (0 = full fine-tune) and lora_target_modules "
                              "must name at least one module")
         check_text_threat_settings(self)
-        if self.model_name_or_path and self.model_name_or_path != WORLD_CLIP and not self.model_name_or_path.startswith("world:"):
-            if Path(self.model_name_or_path).exists() and _model_type(self.model_name_or_path, self.trust_remote_code) != "clip":
-                raise UsageError(f"model_name_or_path={self.model_name_or_path!r} is not a CLIPModel; this trainer trains "
-                                 "both towers: pass a CLIPModel directory or hub id, or 'world:clip'")
-        elif self.model_name_or_path and self.model_name_or_path != WORLD_CLIP:
-            raise UsageError(f"model_name_or_path={self.model_name_or_path!r}: of the world's models only 'world:clip' "
-                             "has a text tower")
+        if self.model_name_or_path and model_type_of(self.model_name_or_path, self.trust_remote_code) not in (None, "clip"):
+            raise UsageError(f"model_name_or_path={self.model_name_or_path!r} is not a CLIPModel; this trainer trains "
+                             "both towers: pass a CLIPModel directory or hub id, or 'world:clip'")
         super().__post_init__()
 
     @property
@@ -158,21 +150,15 @@ def load_clip_for_training(config: ClipTrainingConfig, from_scratch: bool = Fals
 
     name = config.model_name_or_path
     dtype = resolve_dtype(config.model_dtype) or torch.float32
-    if name == WORLD_CLIP:
-        from adpo.world.clip import WEIGHTS_DIR, load_world_clip
-
-        location = WEIGHTS_DIR
-        clip, processor = (None, None) if from_scratch else load_world_clip()
+    if from_scratch and Path(name).is_dir() and not any(Path(name).glob("*.safetensors")):
+        # a directory with a config and a processor only: nothing to load
+        clip_config, processor = CLIPConfig.from_pretrained(name), AutoProcessor.from_pretrained(name)
     else:
-        location = name
-        clip, processor = None, None
-    if processor is None:
-        processor = AutoProcessor.from_pretrained(location)
+        clip, processor = load_clip(name)
+        clip_config = clip.config
     if from_scratch:
         torch.manual_seed(config.seed)
-        clip = CLIPModel(CLIPConfig.from_pretrained(location))
-    elif clip is None:
-        clip = CLIPModel.from_pretrained(location, dtype=dtype)
+        clip = CLIPModel(clip_config)
     clip = clip.to(dtype)
     source = {"base_model": name, "base_kind": "clip", "from_scratch": from_scratch, "feature_layer": -2,
               "select_strategy": "default"}
@@ -254,7 +240,7 @@ class ClipAdversarialTrainer(EncoderAdversarialTrainer):
             raise ValueError("the whole-CLIP trainers save unsharded models only; run them with DDP or one process")
         out = Path(output_dir)
         clip = self.exported_clip()
-        save_encoder(_vision_part(clip), out / ENCODER_DIRNAME, self.image_processor, self.card())
+        save_encoder(clip_vision_part(clip), out / ENCODER_DIRNAME, self.image_processor, self.card())
         with atomic_directory(out / CLIP_DIRNAME) as staging:
             clip.save_pretrained(staging, safe_serialization=True)
             self.processor.save_pretrained(staging)

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from adpo.errors import UsageError, parse_config
 from adpo.losses.multimodal import deltaclip_loss
 from adpo.objectives import ZeroShotCrossEntropy
+from adpo.plugins import data_plugin
 from adpo.preprocess import image_processor_of, to_pixels
 from adpo.sources import ImageRecord, ImageSource, open_source
 from adpo.text_attacks import TextRetrievalCrossEntropy
@@ -74,7 +75,7 @@ class _WorldTrainSeeds(ImageSource):
     """The world's train splits of several seeds, one after the other (as WorldCLIP's own pre-training joins them)."""
 
     def __init__(self, seeds: Sequence[int], n: int | None):
-        from adpo.sources import WorldSource
+        from adpo.world.source import WorldSource
 
         self.parts = [WorldSource("train", seed=seed) for seed in seeds]
         self.class_names = self.parts[0].class_names
@@ -96,8 +97,7 @@ def load_caption_images(config: DeltaClipConfig) -> ImageSource:
     labelled = config.class_prompt_probability > 0
     if config.dataset in ("world", "world:train") and config.world_train_seeds != [0]:
         return _WorldTrainSeeds(config.world_train_seeds, config.max_train_samples)
-    is_world = config.dataset == "world" or config.dataset.startswith("world:")
-    columns = {} if is_world else {"image_column": config.image_column, "caption_column": config.caption_column,
+    columns = {} if data_plugin(config.dataset) else {"image_column": config.image_column, "caption_column": config.caption_column,
                                    **({"label_column": config.label_column} if labelled else {})}
     source = open_source(config.dataset, split=config.dataset_split, n=config.max_train_samples, labelled=labelled,
                          allow_outside_root=config.allow_outside_root, **columns)
