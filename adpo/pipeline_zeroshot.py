@@ -69,7 +69,7 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
 
 def _with_encoder(out: Path, method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-        from adpo.lvlm import encoder_location
+        from adpo.encoder_io import encoder_location
 
         return stage_config | {"encoder": encoder_location(out / "train" / method / "run")}
     return resolve

@@ -66,3 +66,15 @@ def test_the_shipped_study_config_parses():
     config = pipeline.PipelineConfig.from_yaml(root / "configs" / "world_study_multimodal.yaml")
     assert config.methods == ["fare", "tecoa", "simclip", "mmcoa", "deltaclip"] and config.train_images == 512
     assert config.eval_zeroshot.overrides["attack_modalities"] == ["image", "text", "joint"]
+
+
+def test_an_encoder_method_is_judged_with_the_encoder_its_run_wrote(tmp_path, monkeypatch):
+    stages = {stage.name: stage for stage in pipeline.build_stages(_config(tmp_path))}
+    encoder = tmp_path / "out" / "train" / "fare" / "run" / "encoder"
+    encoder.mkdir(parents=True)
+    (encoder / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+    stages["zeroshot-fare"].run()
+    written = yaml.safe_load((tmp_path / "out" / "eval_zeroshot" / "fare" / "stage_config.yaml").read_text())
+    assert written["encoder"] == str(encoder) and calls and calls[0][0] == "eval"
