@@ -27,7 +27,12 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
                     original: str) -> list:
     """The zero-shot stages for ``config`` (a :class:`adpo.pipeline.PipelineConfig` with ``eval_zeroshot`` set)."""
     spec = config.eval_zeroshot
-    base_clip = merged_config(spec, {}).get("clip_model", "world:clip")
+    base_clip = merged_config(spec, {}).get("clip_model")
+    if not base_clip:
+        from adpo.errors import UsageError
+
+        raise UsageError("eval_zeroshot: its config must set clip_model, the CLIP model whose text side judges the "
+                         "encoder-only methods (the bundled world's configs/eval/world_zeroshot.yaml does)")
     stages, report_dirs, names, stage_names = [], [], [], []
     for method in [original, *config.methods]:
         directory = out / "eval_zeroshot" / method
@@ -41,10 +46,10 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
         elif config.trainer_of(method) in CLIP_TRAINERS:
             clip = str(out / "train" / method / "run" / CLIP_DIRNAME)
             keys.update(clip_model=clip, model=clip, encoder=None)
-            inputs = (f"train-{method}",)
+            inputs, resolve = (f"train-{method}",), _with_output(out, method, "clip", ("clip_model", "model"))
         else:
             keys.update(clip_model=base_clip, model=base_clip, encoder=str(out / "train" / method / "run"))
-            inputs, resolve = (f"train-{method}",), _with_encoder(out, method)
+            inputs, resolve = (f"train-{method}",), _with_output(out, method, "encoder", ("encoder",))
         if config.eps is not None:
             keys["attack_eps"] = [config.eps]
         stage_name = f"zeroshot-{method}"
@@ -67,11 +72,13 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
     return stages
 
 
-def _with_encoder(out: Path, method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def _with_output(out: Path, method: str, output: str, keys: tuple[str, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """When the stage runs: ``keys`` set to the ``output`` the method's training run declared."""
     def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-        from adpo.encoder_io import encoder_location
+        from adpo.runtime import stage_output
 
-        return stage_config | {"encoder": encoder_location(out / "train" / method / "run")}
+        location = str(stage_output(out / "train" / method / "run", output))
+        return stage_config | {key: location for key in keys}
     return resolve
 
 

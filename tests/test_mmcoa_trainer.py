@@ -82,6 +82,8 @@ def test_both_towers_change_and_the_run_writes_the_encoder_and_the_whole_clip(as
     assert card["method"] == "mmcoa" and card["towers_trained"] == "image and text"
     assert card["text_attack"]["max_substitutions"] == 2 and card["num_classes"] == 3
     assert CLIPModel.from_pretrained(tmp_path / "run" / "clip") is not None
+    declared = json.loads((tmp_path / "run" / "adpo_outputs.json").read_text())
+    assert declared == {"encoder": "encoder", "clip": "clip"}  # what adpo run reads
 
 
 def test_frozen_text_tower_leaves_every_text_weight_bit_identical(assets, tmp_path):

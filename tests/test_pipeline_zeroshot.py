@@ -68,13 +68,19 @@ def test_the_shipped_study_config_parses():
     assert config.eval_zeroshot.overrides["attack_modalities"] == ["image", "text", "joint"]
 
 
-def test_an_encoder_method_is_judged_with_the_encoder_its_run_wrote(tmp_path, monkeypatch):
+def test_each_method_is_judged_with_what_its_run_declared(tmp_path, monkeypatch):
+    from adpo.runtime import write_stage_outputs
+
     stages = {stage.name: stage for stage in pipeline.build_stages(_config(tmp_path))}
-    encoder = tmp_path / "out" / "train" / "fare" / "run" / "encoder"
-    encoder.mkdir(parents=True)
-    (encoder / "config.json").write_text("{}")
+    fare_run, mmcoa_run = tmp_path / "out" / "train" / "fare" / "run", tmp_path / "out" / "train" / "mmcoa" / "run"
+    write_stage_outputs(fare_run, encoder=fare_run / "encoder")
+    write_stage_outputs(mmcoa_run, encoder=mmcoa_run / "encoder", clip=mmcoa_run / "clip")
     calls = []
     monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
     stages["zeroshot-fare"].run()
-    written = yaml.safe_load((tmp_path / "out" / "eval_zeroshot" / "fare" / "stage_config.yaml").read_text())
-    assert written["encoder"] == str(encoder) and calls and calls[0][0] == "eval"
+    stages["zeroshot-mmcoa"].run()
+    fare = yaml.safe_load((tmp_path / "out" / "eval_zeroshot" / "fare" / "stage_config.yaml").read_text())
+    mmcoa = yaml.safe_load((tmp_path / "out" / "eval_zeroshot" / "mmcoa" / "stage_config.yaml").read_text())
+    assert fare["encoder"] == str(fare_run / "encoder") and fare["clip_model"] == "world:clip"
+    assert mmcoa["clip_model"] == mmcoa["model"] == str(mmcoa_run / "clip") and mmcoa["encoder"] is None
+    assert [argv[0] for argv in calls] == ["eval", "eval"]

@@ -16,6 +16,7 @@ reads back). Both exports hold the merged fp32 weights.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from adpo.io import atomic_directory
 from adpo.encoder_io import save_encoder
 from adpo.models import clip_vision_part, load_clip, model_type_of, resolve_dtype
 from adpo.preprocess import image_processor_of
-from adpo.runtime import CLIP_DIRNAME, ENCODER_DIRNAME
+from adpo.runtime import CLIP_DIRNAME, ENCODER_DIRNAME, STAGE_OUTPUTS, write_stage_outputs
 from adpo.text_attacks import (
     TextAttackResult,
     TextObjective,
@@ -231,6 +232,15 @@ class ClipAdversarialTrainer(EncoderAdversarialTrainer):
         if clip.dtype != torch.float32:
             clip = copy.deepcopy(clip).float()
         return clip
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The final save also declares ``clip`` (and ``adapter`` with LoRA) beside what the encoder trainers declare."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            out = Path(output_dir if output_dir is not None else self.args.output_dir)
+            declared = json.loads((out / STAGE_OUTPUTS).read_text())
+            extra = {"clip": out / CLIP_DIRNAME, **({"adapter": out / ADAPTER_DIRNAME} if self.args.lora_rank else {})}
+            write_stage_outputs(out, **{name: out / path for name, path in declared.items()}, **extra)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
