@@ -11,6 +11,8 @@ METHODS: dict[str, str] = {
     "fare": "FARE: unsupervised adversarial fine-tuning that keeps embeddings close to the original encoder's",
     "tecoa": "TeCoA: supervised adversarial fine-tuning against text embeddings of class prompts",
     "simclip": "Sim-CLIP: adversarial fine-tuning maximising cosine similarity to the clean embedding",
+    "instruct": "(adversarial) visual instruction tuning of a whole LVLM: projector, LM LoRA and/or tower by config",
+    "classifier": "adversarial training of a ViT classifier on labelled images (a robust non-CLIP backbone)",
 }
 
 
@@ -19,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in METHODS:
         parser = argparse.ArgumentParser(
             prog="adpo train",
-            description="Train a robust CLIP vision encoder. Each method reads a YAML config: "
+            description="Train a robust CLIP vision encoder or LVLM. Each method reads a YAML config: "
             "adpo train <method> --config configs/<method>/<name>.yaml. Multi-GPU: "
             "accelerate launch --config_file configs/accelerate/<setup>.yaml -m trainers.<method> --config ...",
         )
