@@ -22,8 +22,13 @@ from adpo.preprocess import image_processor_of
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
-    """A vision backbone (its base model, without a classification head) and its image processor."""
-    model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    """A vision backbone (its base model, without a classification head) and its image processor.
+
+    Weights the checkpoint lacks (a classifier's ViT has no pooler; LLaVA never reads it) are initialised from a
+    fixed seed, so every load, the export's included, gives the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
     if getattr(model.config, "vision_config", None) is not None:
         model = _vision_part(model)
     return model, AutoImageProcessor.from_pretrained(name_or_path)
