@@ -187,3 +187,28 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
     assert any(name.endswith("lora_B.default.weight") and bool(value.abs().sum() > 0) for name, value in ddp.items())
     for name, value in one.items():
         assert torch.allclose(ddp[name], value, atol=1e-6), f"{name}: DDP run differs from the single-process run"
+
+
+@pytest.mark.parametrize("name", ["world", "world-adversarial", "world-robust-vit", "llava-1.5-7b-lora-eps2",
+                                  "llava-1.5-7b-lora-eps4"])
+def test_shipped_configs_parse(name, tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "instruct" / f"{name}.yaml"
+    (parsed,) = instruct.parse_config([instruct.InstructConfig], [
+        "--config", str(path), "--dataset", "world", "--output_dir", str(tmp_path)])
+    assert parsed.train_projector and parsed.lora_r > 0
+    if name.startswith("llava"):
+        assert parsed.adversarial and parsed.threat.eps == pytest.approx(int(name[-1]) / 255)
+
+
+def test_an_encoder_is_put_into_the_tower_before_training(assets, tmp_path):
+    from adpo.lvlm import canonical_encoder_state, export_encoder, find_vision_tower, save_encoder
+
+    other, processor = tiny_llava(seed=7)
+    save_encoder(export_encoder(other), tmp_path / "fare" / "encoder", processor)
+    trainer = instruct.build_trainer(config(assets, tmp_path, "--encoder", str(tmp_path / "fare")))
+    tower = canonical_encoder_state(find_vision_tower(trainer.model.lvlm).state_dict())
+    for name, value in canonical_encoder_state(find_vision_tower(other).state_dict()).items():
+        assert torch.equal(tower[name], value), name
+    assert json.loads(json.dumps(trainer.args.recipe()))["encoder"] == str(tmp_path / "fare")

@@ -51,6 +51,7 @@ from adpo.lvlm import (
     find_projector,
     find_vision_tower,
     load_lvlm,
+    put_encoder,
     resolve_dtype,
     unreachable_tower_parameters,
 )
@@ -83,6 +84,10 @@ class InstructConfig(TrainingArguments):
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "The LVLM: a llava-hf hub id or directory, or world:small|large."})
+    encoder: str | None = field(
+        default=None,
+        metadata={"help": "A CLIP encoder in the interchange format (e.g. runs/fare-world/encoder, or a trainer's run "
+                          "directory) put into the LVLM's tower before training: FARE/TeCoA/AdPO tower + instruction tuning."})
     vision_backbone: str | None = field(
         default=None,
         metadata={"help": "Build the LVLM around this vision backbone (a ViT/SigLIP/DeiT/DINOv2/CLIP model directory or "
@@ -111,6 +116,9 @@ class InstructConfig(TrainingArguments):
     answers_column: str = field(
         default="answers", metadata={"help": "HF datasets: the answer (a string) or reference answers (the most "
                                              "frequent is trained on)."})
+    question_suffix: str = field(
+        default="", metadata={"help": "Appended to every question, e.g. ' Answer the question using a single word or "
+                                      "phrase.' (LLaVA-1.5's short-answer prompt; use the evaluation's)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
     questions_per_image: int | None = field(
         default=None, metadata={"help": "Train on at most N of each image's questions (a seeded choice); unset: all."})
@@ -149,6 +157,9 @@ class InstructConfig(TrainingArguments):
             raise UsageError("output_dir is required: where checkpoints and the trained weights are written")
         if not (self.train_projector or self.train_vision_tower or self.lora_r > 0):
             raise UsageError("nothing to train: set train_projector, train_vision_tower or lora_r > 0")
+        if self.encoder is not None and self.vision_backbone is not None:
+            raise UsageError("encoder puts a CLIP encoder into the LVLM's tower and vision_backbone replaces the tower; "
+                             "set one of them")
         if self.vision_backbone is not None and not self.train_projector:
             raise UsageError("vision_backbone builds a fresh projector, which must train: set train_projector: true")
         if self.select_strategy not in (None, "default", "full"):
@@ -168,8 +179,10 @@ class InstructConfig(TrainingArguments):
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
                      columns={"image_column": self.image_column, "question_column": self.question_column,
                               "answers_column": self.answers_column})
-        if self.vision_backbone and self.vision_backbone.startswith((".", "/", "~")) and not Path(self.vision_backbone).expanduser().exists():
-            raise UsageError(f"vision_backbone={self.vision_backbone!r} does not exist; pass a model directory or hub id")
+        for key in ("encoder", "vision_backbone"):
+            value = getattr(self, key)
+            if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
+                raise UsageError(f"{key}={value!r} does not exist; pass a model directory or hub id")
         check_training_arguments(self, ("load_dtype",))
         fit_precision_to_device(self, ("load_dtype",))
         super().__post_init__()
@@ -183,7 +196,7 @@ class InstructConfig(TrainingArguments):
     def recipe(self) -> dict[str, Any]:
         """What rebuilds the model the trained weights go into (stored beside them)."""
         return {
-            "model_name_or_path": self.model_name_or_path, "vision_backbone": self.vision_backbone,
+            "model_name_or_path": self.model_name_or_path, "encoder": self.encoder, "vision_backbone": self.vision_backbone,
             "feature_layer": self.feature_layer, "select_strategy": self.select_strategy, "seed": self.seed,
             "lora": {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                      "target_modules": list(self.lora_target_modules)} if self.lora_r > 0 else None,
@@ -195,10 +208,12 @@ class InstructConfig(TrainingArguments):
 # The model: built from a recipe, parts declared trainable
 # ----------------------------------------------------------------------------------------------------
 def build_model(recipe: dict[str, Any], load_dtype: str | None = None):
-    """(LVLM, processor, peft model or None) from a recipe: the base LVLM, rebuilt around ``vision_backbone`` when
-    set, with LoRA adapters injected in place when ``lora`` is set (the LVLM keeps its own class and layout)."""
+    """(LVLM, processor, peft model or None) from a recipe: the base LVLM, with ``encoder`` put into its tower or
+    rebuilt around ``vision_backbone`` when set, with LoRA adapters injected in place when ``lora`` is set (the LVLM keeps its own class and layout)."""
     model, processor = load_lvlm(recipe["model_name_or_path"], dtype=load_dtype,
                                  trust_remote_code=recipe.get("trust_remote_code", False))
+    if recipe.get("encoder"):
+        put_encoder(model, recipe["encoder"])  # a run directory stands for its encoder/ (load_encoder)
     if recipe.get("vision_backbone"):
         from adpo.backbones import llava_around_backbone, load_backbone
 
@@ -303,8 +318,8 @@ def reference_answer(answers: str | Sequence[str]) -> str:
 class InstructExamples(torch.utils.data.Dataset):
     """One example per (image, question): the source's images with their questions and answers."""
 
-    def __init__(self, source: ImageSource, questions_per_image: int | None = None, seed: int = 0):
-        self.source = source
+    def __init__(self, source: ImageSource, questions_per_image: int | None = None, seed: int = 0, question_suffix: str = ""):
+        self.source, self.question_suffix = source, question_suffix
         counts = _question_counts(source)
         self.index: list[tuple[int, int]] = []
         for image, count in enumerate(counts):
@@ -319,7 +334,7 @@ class InstructExamples(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, q = self.index[i]
         record = self.source[image]
-        return {"image": record.image, "question": record.questions[q], "answer": reference_answer(record.answers[q]),
+        return {"image": record.image, "question": record.questions[q] + self.question_suffix, "answer": reference_answer(record.answers[q]),
                 "source_id": record.source_id, "error": record.error}
 
 
@@ -357,7 +372,7 @@ def load_examples(config: InstructConfig) -> InstructExamples:
     source = open_source(config.dataset, split=config.dataset_split, n=config.max_train_samples,
                          image_column=config.image_column, question_column=config.question_column,
                          answers_column=config.answers_column, allow_outside_root=config.allow_outside_root)
-    examples = InstructExamples(source, config.questions_per_image, config.seed)
+    examples = InstructExamples(source, config.questions_per_image, config.seed, config.question_suffix)
     if len(examples) == 0:
         raise UsageError(f"dataset {config.dataset!r} (split {config.dataset_split!r}) holds no questions")
     return examples
