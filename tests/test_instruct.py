@@ -176,7 +176,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
         "attack_steps: 2\nattack_random_start: false\nsave_strategy: 'no'\ndisable_tqdm: true\nreport_to: none\n"
         "export_model: false\n"
     )
-    result = launch_two_cpu_processes("instruct.py", path, cwd=tmp_path)
+    result = launch_two_cpu_processes("trainers.instruct", path, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / instruct.CARD_FILE).read_text())
     assert card["optimizer_steps"] == 2 and card["effective_batch_size"] == 4  # two processes really ran

@@ -16,7 +16,7 @@ model (LoRA folded in) that reloads with ``LlavaForConditionalGeneration.from_pr
 export RUN`` writes the same from any run or checkpoint.
 
     adpo train instruct --config configs/instruct/world.yaml
-    accelerate launch trainers/instruct.py --config configs/instruct/llava-1.5-7b-lora-eps4.yaml
+    accelerate launch -m trainers.instruct --config configs/instruct/llava-1.5-7b-lora-eps4.yaml
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-if __package__ in (None, ""):  # run as a script (accelerate launch trainers/instruct.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import load_file, save_file
