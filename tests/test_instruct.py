@@ -212,3 +212,20 @@ def test_an_encoder_is_put_into_the_tower_before_training(assets, tmp_path):
     for name, value in canonical_encoder_state(find_vision_tower(other).state_dict()).items():
         assert torch.equal(tower[name], value), name
     assert json.loads(json.dumps(trainer.args.recipe()))["encoder"] == str(tmp_path / "fare")
+
+
+@pytest.mark.world
+@pytest.mark.slow
+def test_world_adversarial_config_trains_and_exports_a_model_the_evaluation_loads(tmp_path):
+    from pathlib import Path
+
+    from adpo.eval.cli import main as eval_main
+
+    config_path = Path(__file__).resolve().parents[1] / "configs" / "instruct" / "world-adversarial.yaml"
+    assert instruct.main(["--config", str(config_path), "--output_dir", str(tmp_path / "run"), "--max_train_samples", "8",
+                          "--per_device_train_batch_size", "4", "--max_steps", "2", "--attack_steps", "1",
+                          "--report_to", "none", "--disable_tqdm", "true"]) == 0
+    card = json.loads((tmp_path / "run" / instruct.CARD_FILE).read_text())
+    assert card["threat_model"].startswith("linf") and card["optimizer_steps"] == 2
+    assert eval_main(["--model", str(tmp_path / "run" / "model"), "--task", "vqa", "--num_samples", "2", "--eps", "world",
+                      "--steps", "1", "--output_dir", str(tmp_path / "eval")]) == 0

@@ -253,16 +253,12 @@ def declare_trainable(model: nn.Module, processor: Any, config: InstructConfig) 
     from adpo.lvlm import VisionTower
 
     model.requires_grad_(False)
-    parts: list[nn.Module] = []
     if config.train_projector:
-        parts.append(find_projector(model))
+        find_projector(model).requires_grad_(True)
     if config.train_vision_tower:
-        tower = find_vision_tower(model)
         unreachable = set(unreachable_tower_parameters(VisionTower.from_lvlm(model, processor), uses=("llm",)))
-        for name, parameter in tower.named_parameters():
+        for name, parameter in find_vision_tower(model).named_parameters():
             parameter.requires_grad_(name not in unreachable)
-    for part in parts:
-        part.requires_grad_(True)
     for name, parameter in model.named_parameters():
         if config.lora_r > 0 and "lora_" in name:
             parameter.requires_grad_(True)
