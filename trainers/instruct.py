@@ -46,6 +46,7 @@ from adpo.errors import UsageError, parse_config
 from adpo.io import atomic_directory, atomic_file, write_json_atomic
 from adpo.lvlm import (
     LlavaView,
+    VisionTower,
     find_projector,
     find_vision_tower,
     load_lvlm,
@@ -207,7 +208,8 @@ class InstructConfig(TrainingArguments):
 # ----------------------------------------------------------------------------------------------------
 def build_model(recipe: dict[str, Any], load_dtype: str | None = None):
     """(LVLM, processor, peft model or None) from a recipe: the base LVLM, with ``encoder`` put into its tower or
-    rebuilt around ``vision_backbone`` when set, with LoRA adapters injected in place when ``lora`` is set (the LVLM keeps its own class and layout)."""
+    rebuilt around ``vision_backbone`` when set, with LoRA adapters injected in place when ``lora`` is set (the LVLM
+    keeps its own class and layout)."""
     model, processor = load_lvlm(recipe["model_name_or_path"], dtype=load_dtype,
                                  trust_remote_code=recipe.get("trust_remote_code", False))
     if recipe.get("encoder"):
@@ -250,8 +252,6 @@ def declare_trainable(model: nn.Module, processor: Any, config: InstructConfig) 
 
     The tower's parameters that no gradient from the LLM's features reaches (layers past the feature layer,
     the post-layernorm) stay frozen, so DDP and weight decay never meet parameters without gradients."""
-    from adpo.lvlm import VisionTower
-
     model.requires_grad_(False)
     if config.train_projector:
         find_projector(model).requires_grad_(True)
