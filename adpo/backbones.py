@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from adpo.errors import UsageError
-from adpo.lvlm import find_vision_tower, prefix_token_count
+from adpo.tower import find_vision_tower, prefix_token_count
 from adpo.preprocess import image_processor_of
 
 

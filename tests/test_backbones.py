@@ -18,7 +18,8 @@ from transformers import (
 
 from adpo.backbones import llava_around_backbone, load_backbone
 from adpo.errors import UsageError
-from adpo.lvlm import LlavaView, find_projector
+from adpo.lvlm import LlavaView
+from adpo.tower import find_projector
 from adpo.preprocess import to_pixels, to_uint8_images
 from adpo.testing import random_pixels, tiny_llava
 from trainers import classifier, instruct

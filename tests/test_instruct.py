@@ -10,7 +10,8 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from adpo.errors import UsageError
-from adpo.lvlm import LlavaView, load_lvlm
+from adpo.lvlm import LlavaView
+from adpo.models import load_lvlm
 from adpo.preprocess import to_uint8_images
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
 from trainers import instruct
@@ -40,7 +41,7 @@ def config(assets, tmp_path, *extra: str) -> instruct.InstructConfig:
         "--model_name_or_path", assets["lvlm"], "--dataset", assets["vqa"], "--output_dir", str(tmp_path / "run"),
         "--per_device_train_batch_size", "4", "--max_steps", "2", "--learning_rate", "0.05", "--warmup_steps", "0",
         "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none",
-        "--attack_steps", "2", "--eps", "4/255", *extra])
+        "--attack_steps", "2", "--attack_eps", "4/255", *extra])
     return parsed
 
 
@@ -139,7 +140,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(assets, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--train_projector", "false"], "nothing to train"),
-    (["--eps", "300/255"], "eps="),
+    (["--attack_eps", "300/255"], "attack_eps="),
     (["--attack_steps", "0"], "attack_steps"),
     (["--vision_backbone", "./no/such/dir"], "vision_backbone"),
 ])
@@ -172,7 +173,7 @@ def test_two_process_gloo_run_equals_one_process_with_the_global_batch(assets, t
     path.write_text(
         f"model_name_or_path: {assets['lvlm']}\ndataset: {assets['vqa']}\noutput_dir: {tmp_path / 'ddp'}\n"
         "per_device_train_batch_size: 2\nmax_steps: 2\noptim: sgd\nlearning_rate: 0.05\nwarmup_steps: 0\n"
-        "lora_r: 4\nlora_dropout: 0\nadversarial: true\nnorm: l2\neps: '0.5'\nattack_step_size: '0.25'\n"
+        "lora_r: 4\nlora_dropout: 0\nadversarial: true\nattack_norm: l2\nattack_eps: '0.5'\nattack_step_size: '0.25'\n"
         "attack_steps: 2\nattack_random_start: false\nsave_strategy: 'no'\ndisable_tqdm: true\nreport_to: none\n"
         "export_model: false\n"
     )
@@ -199,11 +200,12 @@ def test_shipped_configs_parse(name, tmp_path):
         "--config", str(path), "--dataset", "world", "--output_dir", str(tmp_path)])
     assert parsed.train_projector and parsed.lora_r > 0
     if name.startswith("llava"):
-        assert parsed.adversarial and parsed.threat.eps == pytest.approx(int(name[-1]) / 255)
+        assert parsed.adversarial and parsed.threat_model().eps == pytest.approx(int(name[-1]) / 255)
 
 
 def test_an_encoder_is_put_into_the_tower_before_training(assets, tmp_path):
-    from adpo.lvlm import canonical_encoder_state, export_encoder, find_vision_tower, save_encoder
+    from adpo.encoder_io import canonical_encoder_state, export_encoder, save_encoder
+    from adpo.tower import find_vision_tower
 
     other, processor = tiny_llava(seed=7)
     save_encoder(export_encoder(other), tmp_path / "fare" / "encoder", processor)
@@ -227,5 +229,5 @@ def test_world_adversarial_config_trains_and_exports_a_model_the_evaluation_load
                           "--report_to", "none", "--disable_tqdm", "true"]) == 0
     card = json.loads((tmp_path / "run" / instruct.CARD_FILE).read_text())
     assert card["threat_model"].startswith("linf") and card["optimizer_steps"] == 2
-    assert eval_main(["--model", str(tmp_path / "run" / "model"), "--task", "vqa", "--num_samples", "2", "--eps", "world",
-                      "--steps", "1", "--output_dir", str(tmp_path / "eval")]) == 0
+    assert eval_main(["--model", str(tmp_path / "run" / "model"), "--task", "vqa", "--num_samples", "2", "--attack_eps", "world",
+                      "--attack_steps", "1", "--output_dir", str(tmp_path / "eval")]) == 0

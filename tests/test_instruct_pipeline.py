@@ -1,11 +1,19 @@
 """adpo run with LVLM-level defences: instruct methods are scored as tuned LVLMs on their own size, a classifier feeds
 them, and a second (targeted) evaluation gets its own report."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from adpo import pipeline
 from adpo.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def declared_outputs(monkeypatch):
+    """Stages faked by these tests write nothing: a trained encoder is where every trainer declares it."""
+    monkeypatch.setattr(pipeline, "stage_output", lambda directory, name: Path(directory) / name)
 
 
 def _write(tmp_path, content):
@@ -17,6 +25,7 @@ def _write(tmp_path, content):
 def _config(tmp_path):
     return {
         "output_dir": str(tmp_path / "out"), "methods": ["fare", "robust_vit", "fare_advit", "rvit_large"],
+        "small_model": "world:small", "large_model": "world:large",
         "train_eps": "8/255", "train_images": 32, "versus": [["fare_advit", "fare"]],
         "train": {
             "fare": {"overrides": {"max_steps": 1}},
@@ -40,7 +49,7 @@ def test_instruct_and_classifier_methods_get_their_stages_inputs_and_reports(tmp
     assert commands.count(("transfer", "--config")) == 1  # only the encoder is grafted
     advit, rvit = stage("train", "fare_advit"), stage("train", "rvit_large")
     assert advit["encoder"] == str(out / "train/fare/run") and advit["model_name_or_path"] == "world:small"
-    assert advit["eps"] == "8/255" and advit["max_train_samples"] == 32
+    assert advit["attack_eps"] == "8/255" and advit["max_train_samples"] == 32
     assert rvit["vision_backbone"] == str(out / "train/robust_vit/run/classifier") and rvit["model_name_or_path"] == "world:large"
     assert "max_train_samples" not in stage("train", "robust_vit")  # its pretraining is not the LVLMs' budget
     # a tuned LVLM is scored as exported, on its own size only; the classifier is not an LVLM
@@ -67,8 +76,6 @@ def test_bad_instruct_entries_are_refused(tmp_path, change, message):
 
 
 def test_the_shipped_world_study_parses():
-    from pathlib import Path
-
     config = pipeline.PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "world_instruct.yaml")
     names = [stage.name for stage in pipeline.build_stages(config)]
     assert names[-1] == "report-targeted" and "eval-large-rvit_large" in names and "transfer-rvit" not in names

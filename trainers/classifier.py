@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,9 +36,15 @@ from adpo.errors import UsageError, parse_config
 from adpo.io import atomic_directory
 from adpo.objectives import Evaluation, Objective
 from adpo.preprocess import to_pixels
-from adpo.runtime import check_training_arguments, fit_precision_to_device, last_complete_checkpoint
+from adpo.runtime import (
+    check_training_arguments,
+    derived_seed,
+    fit_precision_to_device,
+    resume_checkpoint,
+    write_stage_outputs,
+)
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source, open_source
-from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_radius
+from adpo.threat import EPS_SYNTAX, ThreatArguments, ThreatModel
 from trainers.encoder_trainer import PixelCollator
 
 logger = logging.getLogger(__name__)
@@ -49,7 +54,7 @@ CARD_FILE = "adpo_card.json"
 
 
 @dataclass
-class ClassifierConfig(TrainingArguments):
+class ClassifierConfig(TrainingArguments, ThreatArguments):
     """Options on top of :class:`transformers.TrainingArguments`; the default size is a ViT-Tiny-like model for the
     bundled world's 64-pixel images (16 patch tokens, as WorldCLIP's tower)."""
 
@@ -68,11 +73,9 @@ class ClassifierConfig(TrainingArguments):
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
     allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     adversarial: bool = field(default=True, metadata={"help": "Train on PGD images (false: clean training)."})
-    norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
-    eps: str = field(default="world", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
-    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack (>= 1)."})
-    attack_step_size: str = field(default="2/255", metadata={"help": "PGD step size (same syntax as eps)."})
-    attack_random_start: bool = field(default=True, metadata={"help": "Start the attack uniformly in the ball."})
+    # the attack (ThreatArguments' keys), at the world's working eps by default
+    attack_eps: str = field(default="world", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
+    attack_step_size: str = field(default="2/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     eval_split: str = field(default="val", metadata={"help": "Split for the final clean / robust accuracy."})
     eval_samples: int = field(default=0, metadata={"help": "Images of eval_split scored at the end (APGD); 0: none."})
     eval_attack_steps: int = field(default=50, metadata={"help": "APGD steps of the final robust accuracy."})
@@ -92,11 +95,8 @@ class ClassifierConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.output_dir is None:
             raise UsageError("output_dir is required: where checkpoints and the classifier are written")
-        if self.norm not in NORMS:
-            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
-        parse_radius(self.eps, "eps", self.norm)
-        parse_radius(self.attack_step_size, "attack_step_size", self.norm)
-        for key in ("attack_steps", "eval_attack_steps", "image_size", "patch_size", "hidden_size",
+        self.check_threat()
+        for key in ("eval_attack_steps", "image_size", "patch_size", "hidden_size",
                     "num_hidden_layers", "num_attention_heads"):
             if getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)}; must be >= 1")
@@ -111,11 +111,6 @@ class ClassifierConfig(TrainingArguments):
         fit_precision_to_device(self, ())
         super().__post_init__()
 
-    @property
-    def threat(self) -> ThreatModel:
-        return ThreatModel(norm=self.norm, eps=parse_radius(self.eps, "eps", self.norm),
-                           step_size=parse_radius(self.attack_step_size, "attack_step_size", self.norm),
-                           random_start=self.attack_random_start)
 
 
 class PixelClassifier(nn.Module):
@@ -173,7 +168,7 @@ class ClassifierTrainer(Trainer):
     def __init__(self, model: PixelClassifier, args: ClassifierConfig, **kwargs):
         kwargs.setdefault("data_collator", PixelCollator(model.image_processor, with_labels=True))
         super().__init__(model=model, args=args, **kwargs)
-        self.threat = args.threat
+        self.threat = args.threat_model()
         self._micro_step = (-1, 0)
         self.scores: dict[str, Any] = {}
 
@@ -184,8 +179,8 @@ class ClassifierTrainer(Trainer):
             step, micro = self._micro_step
             micro = micro + 1 if step == self.state.global_step else 0
             self._micro_step = (self.state.global_step, micro)
-            key = f"{self.args.seed}/{self.state.global_step}/{micro}/{self.args.process_index}".encode()
-            generator = torch.Generator(device=pixels.device).manual_seed(zlib.crc32(key))
+            seed = derived_seed(self.args.seed, self.state.global_step, micro, self.args.process_index, separator="/")
+            generator = torch.Generator(device=pixels.device).manual_seed(seed)
             pixels = pgd(ClassifierCrossEntropy(module, labels), pixels, self.threat, self.args.attack_steps,
                          early_stop=False, generator=generator).x_adv
         logits = model(pixels)
@@ -246,20 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"dataset {config.dataset!r} has no class labels; use 'world', a class-per-folder image folder "
                          "or a HF dataset with label_column")
     trainer = ClassifierTrainer(build_classifier(config, source.class_names), config, train_dataset=source)
-    resume = config.resume_from_checkpoint
-    if resume is not None and str(resume).lower() in ("true", "yes", "last"):
-        resume = last_complete_checkpoint(config.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config.resume_from_checkpoint, config.output_dir))
     if config.eval_samples:
         held_out = open_source(config.dataset, split=config.eval_split, n=config.eval_samples, labelled=True,
                                image_column=config.image_column, label_column=config.label_column,
                                allow_outside_root=config.allow_outside_root)
         trainer.scores = {"eval_split": config.eval_split, "eval_samples": len(held_out),
                           "eval_attack": f"apgd-{config.eval_attack_steps}",
-                          **accuracy(trainer.accelerator.unwrap_model(trainer.model), held_out, config.threat,
+                          **accuracy(trainer.accelerator.unwrap_model(trainer.model), held_out, config.threat_model(),
                                      config.eval_attack_steps)}
         print(json.dumps(trainer.scores))
     trainer.save_model()
+    if trainer.args.should_save:
+        write_stage_outputs(config.output_dir, classifier=CLASSIFIER_DIRNAME)
     print(f"classifier written to {Path(config.output_dir) / CLASSIFIER_DIRNAME}")
     return 0
 

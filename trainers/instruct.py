@@ -27,7 +27,6 @@ import logging
 import os
 import random
 import sys
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,22 +42,22 @@ from transformers.trainer_utils import SchedulerType
 import adpo
 from adpo.attacks import pgd
 from adpo.errors import UsageError, parse_config
+from adpo.encoder_io import put_encoder
 from adpo.io import atomic_directory, atomic_file, write_json_atomic
-from adpo.lvlm import (
-    LlavaView,
-    VisionTower,
-    find_projector,
-    find_vision_tower,
-    load_lvlm,
-    put_encoder,
-    resolve_dtype,
-    unreachable_tower_parameters,
-)
+from adpo.lvlm import LlavaView
+from adpo.models import load_lvlm, resolve_dtype
 from adpo.objectives import LanguageModelLoss
 from adpo.preprocess import to_pixels
-from adpo.runtime import check_training_arguments, fit_precision_to_device, last_complete_checkpoint
-from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, HFDatasetSource, ImageSource, WorldSource, check_source, open_source
-from adpo.threat import EPS_SYNTAX, NORMS, ThreatModel, parse_radius
+from adpo.runtime import (
+    check_training_arguments,
+    derived_seed,
+    fit_precision_to_device,
+    resume_checkpoint,
+    write_stage_outputs,
+)
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, HFDatasetSource, ImageSource, check_source, open_source
+from adpo.threat import EPS_SYNTAX, ThreatArguments
+from adpo.tower import VisionTower, find_projector, find_vision_tower, unreachable_tower_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ LM_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # Configuration
 # ----------------------------------------------------------------------------------------------------
 @dataclass
-class InstructConfig(TrainingArguments):
+class InstructConfig(TrainingArguments, ThreatArguments):
     """Visual instruction tuning options, on top of :class:`transformers.TrainingArguments`.
 
     Defaults follow LLaVA-1.5's fine-tuning stage with LoRA (lr 2e-4, cosine, 3 % warm-up, 1 epoch) and the
@@ -124,12 +123,9 @@ class InstructConfig(TrainingArguments):
     allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     adversarial: bool = field(
         default=False, metadata={"help": "Attack each batch's images on the answer's LM loss before the update."})
-    norm: str = field(default="linf", metadata={"help": "Threat model norm: 'linf' or 'l2'."})
-    eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
-    attack_steps: int = field(default=10, metadata={"help": "PGD steps of the inner attack (>= 1)."})
-    attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as eps)."})
-    attack_momentum: float = field(default=0.0, metadata={"help": "PGD momentum on mean-|g|-normalised gradients; 0 = plain."})
-    attack_random_start: bool = field(default=True, metadata={"help": "Start the attack uniformly in the ball."})
+    # the attack (ThreatArguments' keys) with the project's training defaults: PGD-10, eps 2/255, step 1/255
+    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
+    attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     load_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the frozen weights (default: as stored); trained ones are float32."})
     export_model: bool = field(
@@ -166,12 +162,7 @@ class InstructConfig(TrainingArguments):
         if self.lora_r < 0 or (self.lora_r > 0 and not self.lora_target_modules):
             raise UsageError(f"lora_r={self.lora_r} with lora_target_modules={self.lora_target_modules}; use lora_r >= 0 "
                              "and name at least one layer")
-        if self.norm not in NORMS:
-            raise UsageError(f"norm={self.norm!r}; use one of {NORMS}")
-        parse_radius(self.eps, "eps", self.norm)
-        parse_radius(self.attack_step_size, "attack_step_size", self.norm)
-        if self.attack_steps < 1:
-            raise UsageError(f"attack_steps={self.attack_steps}; must be >= 1")
+        self.check_threat()
         for key in ("max_train_samples", "questions_per_image"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)}; must be >= 1 or unset")
@@ -185,12 +176,6 @@ class InstructConfig(TrainingArguments):
         check_training_arguments(self, ("load_dtype",))
         fit_precision_to_device(self, ("load_dtype",))
         super().__post_init__()
-
-    @property
-    def threat(self) -> ThreatModel:
-        return ThreatModel(norm=self.norm, eps=parse_radius(self.eps, "eps", self.norm),
-                           step_size=parse_radius(self.attack_step_size, "attack_step_size", self.norm),
-                           random_start=self.attack_random_start)
 
     def recipe(self) -> dict[str, Any]:
         """What rebuilds the model the trained weights go into (stored beside them)."""
@@ -335,10 +320,11 @@ class InstructExamples(torch.utils.data.Dataset):
 def _question_counts(source: ImageSource) -> list[int]:
     """Questions per image, read without decoding any image."""
     inner = getattr(source, "inner", source)  # adpo.sources.Truncated
-    if isinstance(inner, WorldSource):
-        return [len(q) for q in inner.dataset["questions"][: len(source)]]
     if isinstance(inner, HFDatasetSource) and inner.question_column and inner.answers_column:
         return [1] * len(source)
+    dataset = getattr(inner, "dataset", None)  # the world's source: a dataset with a list of questions per image
+    if dataset is not None and "questions" in getattr(dataset, "column_names", ()):
+        return [len(q) for q in dataset["questions"][: len(source)]]
     raise UsageError(f"{source.name} holds no questions; instruction tuning needs 'world' or a HF dataset with "
                      "question_column and answers_column")
 
@@ -385,7 +371,7 @@ class InstructTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.processor = processor
         self.trainable = list(trainable)
-        self.threat = args.threat
+        self.threat = args.threat_model()
         self._micro_step = (-1, 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -402,8 +388,8 @@ class InstructTrainer(Trainer):
         step, micro = self._micro_step
         micro = micro + 1 if step == self.state.global_step else 0
         self._micro_step = (self.state.global_step, micro)
-        key = f"{self.args.seed}/{self.state.global_step}/{micro}/{self.args.process_index}".encode()
-        return torch.Generator(device=device).manual_seed(zlib.crc32(key))
+        seed = derived_seed(self.args.seed, self.state.global_step, micro, self.args.process_index, separator="/")
+        return torch.Generator(device=device).manual_seed(seed)
 
     def card(self) -> dict[str, Any]:
         args = self.args
@@ -429,6 +415,7 @@ class InstructTrainer(Trainer):
         if not _internal_call and self.args.should_save and self.args.export_model:
             out = Path(output_dir if output_dir is not None else self.args.output_dir)
             export_run(out, out / EXPORT_DIRNAME)  # frozen weights as stored: a bf16 load_dtype would round fp16 ones
+            write_stage_outputs(out, model=EXPORT_DIRNAME)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What trains, not the model: ``trainable.safetensors`` with the recipe and a card."""
@@ -486,14 +473,7 @@ def build_trainer(config: InstructConfig, train_dataset=None) -> InstructTrainer
 
 
 def train_and_save(trainer: InstructTrainer) -> Path:
-    resume = trainer.args.resume_from_checkpoint
-    if resume is not None and str(resume).lower() in ("", "false", "no", "none"):
-        resume = None
-    elif resume is not None and str(resume).lower() in ("true", "yes", "last"):
-        resume = last_complete_checkpoint(trainer.args.output_dir)
-        if resume is None:
-            logger.info("no checkpoint in %s: starting from scratch", trainer.args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args.resume_from_checkpoint, trainer.args.output_dir))
     trainer.save_model()
     return Path(trainer.args.output_dir)
 
