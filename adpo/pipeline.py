@@ -42,10 +42,16 @@ RUNNING_MARKER = "STAGE_RUNNING.json"  # written when a stage starts, removed wh
 ORIGINAL = "original"
 # stage-config keys that name a model or encoder to load: a stage is redone when the weights behind one change
 MODEL_KEYS = ("model_name_or_path", "text_model_name_or_path", "model", "clip_model", "target", "encoder")
-METHODS = ("fare", "tecoa", "simclip", "adpo", "mmcoa", "deltaclip")
+METHODS = ("fare", "tecoa", "simclip", "adpo", "mmcoa", "deltaclip", "instruct", "classifier")
+# Trainers whose run is a whole LVLM, scored as it is on the size it tuned (no graft), and trainers whose run only
+# feeds other stages (a robust backbone for instruct's vision_backbone); the others train an encoder.
+LVLM_TRAINERS, FEEDING_TRAINERS = ("instruct",), ("classifier",)
+# train.<name>.inputs: a stage-config key filled with another method's output (its run directory + this suffix)
+INPUT_OUTPUTS = {"encoder": "", "vision_backbone": "classifier"}
 # Each trainer's key for "train on the first N images" (AdPO with stored pairs: the pairs stage's images).
 TRAIN_IMAGES_KEYS = {"fare": "max_train_samples", "tecoa": "max_train_samples", "simclip": "max_train_samples",
-                     "adpo": "max_images", "mmcoa": "max_train_samples", "deltaclip": "max_train_samples"}
+                     "adpo": "max_images", "mmcoa": "max_train_samples", "deltaclip": "max_train_samples",
+                     "instruct": "max_train_samples"}
 
 
 @dataclass
@@ -57,6 +63,8 @@ class StageSpec:
     config: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     trainer: str | None = None
+    size: str = "small"  # instruct: the LVLM it tunes and is scored on
+    inputs: dict[str, str] = field(default_factory=dict)  # e.g. {encoder: fare}: that method's output goes in
 
 
 @dataclass
@@ -74,6 +82,7 @@ class PipelineConfig:
     train: dict[str, StageSpec] = field(default_factory=dict)
     transfer: StageSpec = field(default_factory=StageSpec)
     eval: StageSpec = field(default_factory=StageSpec)
+    eval_targeted: StageSpec | None = None  # a second evaluation of every model (e.g. task: targeted), own report
     eval_large: bool = True
     eval_zeroshot: StageSpec | None = None  # zero-shot under image/text/joint attacks (adpo/pipeline_zeroshot.py)
 
@@ -96,23 +105,32 @@ class PipelineConfig:
         def spec(value: Any, where: str) -> StageSpec:
             if value is None:
                 return StageSpec()
-            allowed = {"config", "overrides", "trainer"} if where.startswith("train.") else {"config", "overrides"}
+            train = where.startswith("train.")
+            allowed = {"config", "overrides", "trainer", "size", "inputs"} if train else {"config", "overrides"}
             if not isinstance(value, dict) or set(value) - allowed:
                 raise UsageError(f"{path}: '{where}' must be a mapping with keys among {sorted(allowed)}")
+            inputs = value.get("inputs") or {}
+            if value.get("size", "small") not in ("small", "large") or not isinstance(inputs, dict) \
+                    or set(inputs) - set(INPUT_OUTPUTS):
+                raise UsageError(f"{path}: '{where}': size is small or large, inputs maps {sorted(INPUT_OUTPUTS)} to "
+                                 "methods of the run")
             return StageSpec(config=value.get("config"), overrides=dict(value.get("overrides") or {}),
-                             trainer=value.get("trainer"))
+                             trainer=value.get("trainer"), size=value.get("size", "small"), inputs=dict(inputs))
 
-        config = cls(**{k: v for k, v in raw.items() if k not in ("pairs", "train", "transfer", "eval", "eval_zeroshot")})
+        sections = ("pairs", "train", "transfer", "eval", "eval_targeted", "eval_zeroshot")
+        config = cls(**{k: v for k, v in raw.items() if k not in sections})
         config.eval_zeroshot = spec(raw["eval_zeroshot"], "eval_zeroshot") if raw.get("eval_zeroshot") else None
         config.pairs = spec(raw.get("pairs"), "pairs")
         config.transfer = spec(raw.get("transfer"), "transfer")
         config.eval = spec(raw.get("eval"), "eval")
+        config.eval_targeted = spec(raw["eval_targeted"], "eval_targeted") if raw.get("eval_targeted") else None
         config.train = {name: spec(value, f"train.{name}") for name, value in (raw.get("train") or {}).items()}
         missing = [m for m in config.methods if m not in config.train]
         if missing:
             raise UsageError(f"{path}: methods {missing} have no 'train.<method>' entry naming their base config")
         bad = [m for m in config.methods if config.trainer_of(m) not in METHODS]
         bad += [m for pair in config.versus for m in pair if m not in config.methods]
+        bad += [m for name in config.methods for m in config.train[name].inputs.values() if m not in config.methods]
         if bad:
             raise UsageError(f"{path}: unknown methods {bad}; choose from {list(METHODS)}, or name a variant's trainer "
                              "(train.<name>.trainer); versus names methods of the run")
@@ -244,6 +262,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
 
     for method in config.methods:
         trainer = config.trainer_of(method)
+        if trainer in LVLM_TRAINERS and config.train[method].size == "large" and not config.eval_large:
+            continue  # it would tune an LVLM this run does not score
         train_dir = out / "train" / method
         keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
         inputs: tuple[str, ...] = ()
@@ -257,10 +277,15 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             else:
                 keys["dataset_path"] = str(pairs_dir / "run" / "dataset")
                 inputs = ("pairs",)
-        elif config.train_images is not None:
+        elif config.train_images is not None and trainer in TRAIN_IMAGES_KEYS:
             keys[TRAIN_IMAGES_KEYS[trainer]] = config.train_images
         if train_eps is not None:
             keys["attack_eps"] = train_eps
+        if trainer in LVLM_TRAINERS:
+            keys["model_name_or_path"] = config.small_model if config.train[method].size == "small" else config.large_model
+        for key, source in config.train[method].inputs.items():
+            keys[key] = str(out / "train" / source / "run" / INPUT_OUTPUTS[key])
+            inputs += (f"train-{source}",)
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
                                      inputs, _resume_training))
 
@@ -274,56 +299,74 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             return stage_config | {"encoder": str(stage_output(out / "train" / method / "run", "encoder"))}
         return resolve
 
+    encoder_methods = [m for m in config.methods if config.trainer_of(m) not in LVLM_TRAINERS + FEEDING_TRAINERS]
     if config.eval_large:
-        for method in config.methods:
+        for method in encoder_methods:
             transfer_dir = out / "transfer" / method
             keys = {"encoder": str(out / "train" / method / "run"), "target": config.large_model, "out": str(transfer_dir / "model"), "overwrite": True}
             stages.append(_command_stage(f"transfer-{method}", transfer_dir, ["transfer"], _merged_config(config.transfer, keys),
                                          (f"train-{method}",), with_trained_encoder(method)))
 
     sizes = [("small", config.small_model)] + ([("large", config.large_model)] if config.eval_large else [])
-    report_dirs: list[Path] = []
-    report_names: list[str] = []
-    eval_stages: list[str] = []
-    for size, base_model in sizes:
-        for method in [ORIGINAL, *config.methods]:
-            eval_dir = out / "eval" / f"{size}-{method}"
-            report_dirs.append(eval_dir / "report")
-            report_names.append(_eval_name(method, size))
-            keys = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": _eval_name(method, size)}
-            inputs, resolve = (), None
-            if method == ORIGINAL:
-                keys.update(model=base_model, encoder=None)
-            elif size == "small":
-                keys.update(model=base_model, encoder=str(out / "train" / method / "run"))
-                inputs, resolve = (f"train-{method}",), with_trained_encoder(method)
-            else:  # the large LVLM after transfer: the grafted model directory
-                keys.update(model=str(out / "transfer" / method / "model"), encoder=None)
-                inputs = (f"transfer-{method}",)
-            if config.eps is not None:
-                keys["attack_eps"] = [config.eps]
-            name = f"eval-{size}-{method}"
-            stages.append(_command_stage(name, eval_dir, ["eval"], _merged_config(config.eval, keys), inputs, resolve))
-            eval_stages.append(name)
 
-    report_dir = out / "report"
-    # each encoder against the undefended model on the same LVLM, question by question
-    baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
-    versus = [arg for size, _ in sizes for first, second in config.versus
-              for arg in ("--versus", _eval_name(first, size), _eval_name(second, size))]
-    compare = ["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, *versus]
+    def scored(method: str, size: str) -> bool:
+        """Whether ``method`` has a model on the LVLM of ``size``: an encoder on both, a tuned LVLM on its own."""
+        trainer = ORIGINAL if method == ORIGINAL else config.trainer_of(method)
+        if trainer in FEEDING_TRAINERS:
+            return False
+        return trainer not in LVLM_TRAINERS or config.train[method].size == size
 
-    def run_report() -> None:
-        with atomic_directory(report_dir) as staging:
-            _adpo([*compare, "--out", str(staging)])
-            shifts = feature_shifts(out / "transfer", config.methods) if config.eval_large else None
-            if shifts:
-                write_json_atomic(staging / "feature_shift.json", shifts)
-                with open(staging / "compare.md", "a", encoding="utf-8") as markdown:
-                    markdown.write("\n" + feature_shift_section(shifts))
+    def evaluation(kind: str, spec: StageSpec, report_name: str) -> None:
+        report_dirs: list[Path] = []
+        report_names: list[str] = []
+        eval_stages: list[str] = []
+        for size, base_model in sizes:
+            for method in [m for m in [ORIGINAL, *config.methods] if scored(m, size)]:
+                eval_dir = out / kind / f"{size}-{method}"
+                report_dirs.append(eval_dir / "report")
+                report_names.append(_eval_name(method, size))
+                keys = {"output_dir": str(eval_dir / "report"), "seed": config.seed, "name": _eval_name(method, size)}
+                inputs, resolve = (), None
+                if method == ORIGINAL:
+                    keys.update(model=base_model, encoder=None)
+                elif config.trainer_of(method) in LVLM_TRAINERS:  # the merged model the run exported
+                    keys.update(model=str(out / "train" / method / "run" / "model"), encoder=None)
+                    inputs = (f"train-{method}",)
+                elif size == "small":
+                    keys.update(model=base_model, encoder=str(out / "train" / method / "run"))
+                    inputs, resolve = (f"train-{method}",), with_trained_encoder(method)
+                else:  # the large LVLM after transfer: the grafted model directory
+                    keys.update(model=str(out / "transfer" / method / "model"), encoder=None)
+                    inputs = (f"transfer-{method}",)
+                if config.eps is not None:
+                    keys["attack_eps"] = [config.eps]
+                name = f"{kind}-{size}-{method}"
+                stages.append(_command_stage(name, eval_dir, ["eval"], _merged_config(spec, keys), inputs, resolve))
+                eval_stages.append(name)
 
-    transfers = tuple(f"transfer-{m}" for m in config.methods) if config.eval_large else ()
-    stages.append(Stage("report", report_dir, {"compare": compare}, run_report, (*eval_stages, *transfers)))
+        report_dir = out / report_name
+        # each model against the undefended one on the same LVLM, question by question
+        baselines = [arg for size, _ in sizes for arg in ("--baseline", _eval_name(ORIGINAL, size))]
+        versus = [arg for size, _ in sizes for first, second in config.versus if scored(first, size) and scored(second, size)
+                  for arg in ("--versus", _eval_name(first, size), _eval_name(second, size))]
+        compare = ["eval", "compare", *map(str, report_dirs), "--names", *report_names, *baselines, *versus]
+        with_shift = kind == "eval" and config.eval_large
+
+        def run_report() -> None:
+            with atomic_directory(report_dir) as staging:
+                _adpo([*compare, "--out", str(staging)])
+                shifts = feature_shifts(out / "transfer", encoder_methods) if with_shift else None
+                if shifts:
+                    write_json_atomic(staging / "feature_shift.json", shifts)
+                    with open(staging / "compare.md", "a", encoding="utf-8") as markdown:
+                        markdown.write("\n" + feature_shift_section(shifts))
+
+        transfers = tuple(f"transfer-{m}" for m in encoder_methods) if with_shift else ()
+        stages.append(Stage(report_name, report_dir, {"compare": compare}, run_report, (*eval_stages, *transfers)))
+
+    evaluation("eval", config.eval, "report")
+    if config.eval_targeted is not None:
+        evaluation("eval-targeted", config.eval_targeted, "report-targeted")
     return stages
 
 

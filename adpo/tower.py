@@ -144,9 +144,20 @@ class VisionTower(nn.Module):
         raise ValueError(f"unknown embedding {which!r}; use 'pooled' or 'llm'")
 
     def num_image_tokens(self) -> int:
+        # LLaVA's rule: the backbone's tokens, minus the first one for the "default" strategy.
         grid = self.image_size // self.encoder.config.patch_size
-        per_layer = grid * grid + (0 if self.select_strategy == "default" else 1)
-        return per_layer
+        return grid * grid + prefix_token_count(self.encoder) - (1 if self.select_strategy == "default" else 0)
+
+
+# --- non-CLIP backbones (issue 29): a tower need not be CLIP, only a backbone whose hidden states are token sequences
+def prefix_token_count(encoder: nn.Module) -> int:
+    """Tokens a vision backbone puts before its patch tokens: CLIP's class embedding or ViT's CLS token (1), DeiT's
+    distillation token and DINOv2's registers on top; SigLIP has none (0)."""
+    embeddings = getattr(getattr(encoder, "vision_model", encoder), "embeddings", None)
+    count = int(hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token"))
+    count += int(getattr(embeddings, "distillation_token", None) is not None)
+    registers = getattr(embeddings, "register_tokens", None)
+    return count + (int(registers.shape[1]) if registers is not None else 0)
 
 
 @dataclass

@@ -13,6 +13,8 @@ METHODS: dict[str, str] = {
     "simclip": "Sim-CLIP: adversarial fine-tuning maximising cosine similarity to the clean embedding",
     "deltaclip": "ΔCLIP: adversarial contrastive vision-language pre-training of a whole CLIP model (from scratch or a checkpoint)",
     "mmcoa": "MMCoA: both CLIP towers against image and text attacks (adversarial images vs clean prompts, clean images vs adversarial prompts)",
+    "instruct": "(adversarial) visual instruction tuning of a whole LVLM: projector, LM LoRA and/or tower by config",
+    "classifier": "adversarial training of a ViT classifier on labelled images (a robust non-CLIP backbone)",
 }
 
 
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in METHODS:
         parser = argparse.ArgumentParser(
             prog="adpo train",
-            description="Train a robust CLIP vision encoder. Each method reads a YAML config: "
+            description="Train a robust CLIP vision encoder or LVLM. Each method reads a YAML config: "
             "adpo train <method> --config configs/<method>/<name>.yaml. Multi-GPU: "
             "accelerate launch --config_file configs/accelerate/<setup>.yaml -m trainers.<method> --config ...",
         )
