@@ -72,7 +72,7 @@ def parse_config(dataclass_types: Iterable[type], argv: list[str] | None, prog: 
             raise UsageError(f"{one_line(message)}; `{prog} --help` lists the keys and their types")
 
         def set_defaults_with_config(self, **kwargs):  # the YAML's keys, old spellings renamed
-            return super().set_defaults_with_config(**_renamed_keys(kwargs, renames, "--config"))
+            return super().set_defaults_with_config(**renamed_keys(kwargs, renames, "--config"))
 
     parser = OneLineParser(dataclass_types, prog=prog, description=description)
     try:
@@ -108,7 +108,7 @@ def _warn_renamed(old: str, new: str, where: str) -> None:
                   FutureWarning, stacklevel=4)
 
 
-def _renamed_keys(values: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
+def renamed_keys(values: dict[str, Any], renames: dict[str, str], where: str) -> dict[str, Any]:
     """``values`` with old keys renamed (a warning each); both spellings at once is a UsageError."""
     renamed = dict(values)
     for old, new in renames.items():

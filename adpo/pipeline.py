@@ -27,14 +27,13 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from adpo.errors import UsageError
+from adpo.errors import UsageError, renamed_keys
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
 from adpo.runtime import stage_output
 from adpo.threat import DEPRECATED_THREAT_KEYS
@@ -188,17 +187,8 @@ def _load_base(spec: StageSpec) -> dict[str, Any]:
 def _merged_config(spec: StageSpec, pipeline_keys: dict[str, Any]) -> dict[str, Any]:
     # Precedence: base config < pipeline-derived keys (paths, models, seed) < the user's explicit overrides. A key under
     # its deprecated spelling (eps for attack_eps) is read as the new one, so that the precedence holds for it too.
-    return {**_current_keys(_load_base(spec)), **pipeline_keys, **_current_keys(spec.overrides)}
-
-
-def _current_keys(settings: dict[str, Any]) -> dict[str, Any]:
-    renamed = {}
-    for key, value in settings.items():
-        if key in DEPRECATED_THREAT_KEYS:
-            warnings.warn(f"the stage key {key!r} is deprecated; write {DEPRECATED_THREAT_KEYS[key]!r}", FutureWarning,
-                          stacklevel=3)
-        renamed[DEPRECATED_THREAT_KEYS.get(key, key)] = value
-    return renamed
+    return {**renamed_keys(_load_base(spec), DEPRECATED_THREAT_KEYS, str(spec.config)), **pipeline_keys,
+            **renamed_keys(spec.overrides, DEPRECATED_THREAT_KEYS, "overrides")}
 
 
 def _command_stage(name: str, directory: Path, command: list[str], settings: dict[str, Any], inputs: tuple[str, ...] = (),
