@@ -31,7 +31,8 @@ class Plugin:
     ``model_kind(rest)`` says whether ``<scheme>:<rest>`` is an LVLM or a CLIP model (a ``UsageError`` for a name the
     plugin does not know); ``load_lvlm(rest, dtype)`` and ``load_clip(rest)`` return (model, processor);
     ``model_identity(rest)`` a key that changes when the weights do (resume checks). ``open_source(split, n)`` opens
-    ``<scheme>`` / ``<scheme>:<split>`` as an image source (``split`` None for the bare name). ``radius()`` is the value
+    ``<scheme>`` / ``<scheme>:<split>`` as an image source (``split`` None for the bare name); ``check_data(split)``
+raises ``ValueError`` with the fix for a split it cannot open, cheaply (before any model loads). ``radius()`` is the value
     of the bare ``<scheme>`` written as an ε; ``default_data`` the data its models are meant for, used where a stage's
     data is left empty. ``command`` is a module with ``main(argv)`` run as ``adpo <scheme> …``.
     """
@@ -44,6 +45,7 @@ class Plugin:
     load_clip: Callable[[str], tuple[Any, Any]] | None = None
     model_identity: Callable[[str], str] | None = None
     open_source: Callable[[str | None, int | None], "ImageSource"] | None = None
+    check_data: Callable[[str | None], None] | None = None
     radius: Callable[[], float] | None = None
     default_data: str | None = None
     command: str | None = None
@@ -124,3 +126,18 @@ def named_radius(text: str) -> float | None:
 def radius_names() -> list[str]:
     """The bare names that stand for an ε (for help texts and errors)."""
     return sorted(plugin.scheme for plugin in plugins().values() if plugin.radius is not None)
+
+
+
+def plugin_model_hint(kind: str | None = None) -> str:
+    """For help texts and errors: ``", or a plugin's model ('toy:small', 'toy:large')"`` (the plugins' models of
+    ``kind``, "lvlm" or "clip"; None: all); "" where no plugin has one."""
+    names = [f"'{plugin.scheme}:{model}'" for plugin in plugins().values() if plugin.model_kind is not None
+             for model in plugin.model_names if kind is None or plugin.model_kind(model) == kind]
+    return f", or a plugin's model ({', '.join(names)})" if names else ""
+
+
+def plugin_data_hint() -> str:
+    """For help texts and errors: ``", or a plugin's data ('toy' / 'toy:<split>')"``; "" without such plugins."""
+    names = [f"'{plugin.scheme}' / '{plugin.scheme}:<split>'" for plugin in plugins().values() if plugin.open_source]
+    return f", or a plugin's data ({', '.join(names)})" if names else ""

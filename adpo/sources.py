@@ -68,6 +68,10 @@ class ImageSource(Sequence[ImageRecord]):
         """The stable id of record ``index``; subclasses answer without decoding the image."""
         return self[index].source_id
 
+    def question_counts(self) -> list[int] | None:
+        """How many questions each record holds, read without decoding any image; None for a source without any."""
+        return None
+
 
 ALLOW_OUTSIDE_ROOT_HELP = ("Read image paths that lead outside their root (a COCO file_name outside image_root, a saved "
                            "dataset's path outside its folder, a folder's symlink out of it); refused by default.")
@@ -217,6 +221,9 @@ class HFDatasetSource(ImageSource):
     def source_id(self, index: int) -> str:
         return str(self.dataset[index][self.id_column]) if self.id_column else f"{index:08d}"
 
+    def question_counts(self) -> list[int] | None:
+        return [1] * len(self) if self.question_column and self.answers_column else None
+
     def _record(self, index: int) -> ImageRecord:
         row = self.dataset[index]
         source_id = self.source_id(index)
@@ -325,7 +332,14 @@ def check_source(spec: str, key: str, split: str | None = None, columns: dict[st
     ``split`` or a column it lacks (``columns``: config key -> column name; None: not used)."""
     from adpo.errors import UsageError
 
-    if data_plugin(spec) is not None:
+    plugin_data = data_plugin(spec)
+    if plugin_data is not None:
+        plugin, plugin_split = plugin_data
+        if plugin.check_data is not None:
+            try:
+                plugin.check_data(plugin_split)
+            except ValueError as error:
+                raise UsageError(f"{key}={spec!r}: {error}") from None
         return
     path = Path(spec).expanduser()
     if not path.exists():
@@ -388,6 +402,10 @@ class Truncated(ImageSource):
 
     def source_id(self, index: int) -> str:
         return self.inner.source_id(index)
+
+    def question_counts(self) -> list[int] | None:
+        counts = self.inner.question_counts()
+        return None if counts is None else counts[: self.n]
 
     def _record(self, index: int) -> ImageRecord:
         return self.inner[index]

@@ -78,7 +78,8 @@ def test_captions_and_class_prompts_are_drawn_per_image():
 @pytest.mark.parametrize("options, message", [
     ({"class_prompt_probability": 1.5}, "class_prompt_probability=1.5"),
     ({"clean_loss_weight": -1.0}, "clean_loss_weight=-1.0"),
-    ({"world_train_seeds": [1, 1]}, "world_train_seeds"),
+    ({"dataset": "world:train@1,1"}, "name each seed once"),
+    ({"dataset": "world:tain@0-3"}, "no split 'tain'"),
     ({"text_beam_width": 0}, "text_beam_width=0"),
 ])
 def test_bad_settings_are_refused_before_any_model_loads(clip_dir, tmp_path, options, message):

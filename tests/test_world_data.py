@@ -2,11 +2,15 @@
 
 import io
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
+from adpo.errors import UsageError
+from adpo.sources import check_source
 from adpo.world import data as world_data
+from adpo.world import source as world_source
 from adpo.world.data import (
     CLASS_NAMES,
     CLASS_PROMPT_TEMPLATE,
@@ -17,6 +21,7 @@ from adpo.world.data import (
     generate_world_image,
     load_world_dataset,
 )
+from adpo.world.source import parse_world_split
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +191,38 @@ def test_png_round_trip_is_lossless():
     record = world_data.world_record(world, "x")
     decoded = Image.open(io.BytesIO(record["image"]["bytes"])).convert("RGB")
     assert decoded.tobytes() == world.image.tobytes()
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (None, ("train", (0,))), ("val", ("val", (0,))), ("train@0-2,5", ("train", (0, 1, 2, 5))), ("test@3", ("test", (3,))),
+])
+def test_world_data_names_with_seeds(spec, expected):
+    assert parse_world_split(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [("train@1,1", "name each seed once"), ("train@a-b", "numbers, ranges")])
+def test_bad_seeds_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_world_split(spec)
+
+
+def test_a_source_of_several_seeds_joins_their_splits_in_order(monkeypatch):
+    def fake_split(split, seed=0):
+        return datasets.Dataset.from_list([{"id": f"{split}-{seed}-{i}", "image": None, "label": i, "captions": [],
+                                            "questions": ["q"] * (i + seed), "answers": [["a"]] * (i + seed)} for i in range(3)])
+
+    monkeypatch.setattr(world_source, "load_world_dataset", fake_split)
+    joined = world_source.WorldSource("val", seeds=(2, 5))
+    assert [joined.source_id(i) for i in range(len(joined))] == [f"val-{s}-{i}" for s in (2, 5) for i in range(3)]
+    assert joined.name == "world:val@2,5"
+    assert joined.question_counts() == [2, 3, 4, 5, 6, 7]  # read without decoding an image
+    truncated = world_source.WorldSource("val", n=4, seeds=(2, 5))
+    assert len(truncated) == 4 and truncated.question_counts() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="n=7 is outside world:val"):
+        world_source.WorldSource("val", n=7, seeds=(2, 5))
+
+
+def test_a_world_split_that_does_not_exist_is_refused_before_any_model_loads():
+    with pytest.raises(UsageError, match=r"dataset='world:tain@0-3': the world has no split 'tain'"):
+        check_source("world:tain@0-3", "dataset")
+    check_source("world:val@0-7", "dataset")  # nothing generated or loaded

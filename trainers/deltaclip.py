@@ -58,45 +58,17 @@ class DeltaClipConfig(ClipTrainingConfig):
     text_protected_words: list[str] = field(default_factory=list, metadata={"help": "Words the text attack never edits "
                                                                                     "or puts in (the captions' content words)."})
     clean_loss_weight: float = field(default=0.0, metadata={"help": "w: weight of CLIP's loss on the clean pairs."})
-    world_train_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "dataset: world only: the train "
-                                                                                        "splits of these world seeds, joined."})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.class_prompt_probability <= 1.0:
             raise UsageError(f"class_prompt_probability={self.class_prompt_probability} must be in [0, 1]")
         if self.clean_loss_weight < 0:
             raise UsageError(f"clean_loss_weight={self.clean_loss_weight} must be >= 0")
-        if not self.world_train_seeds or len(set(self.world_train_seeds)) < len(self.world_train_seeds):
-            raise UsageError(f"world_train_seeds={self.world_train_seeds} must name at least one seed, each once")
         super().__post_init__()
-
-
-class _WorldTrainSeeds(ImageSource):
-    """The world's train splits of several seeds, one after the other (as WorldCLIP's own pre-training joins them)."""
-
-    def __init__(self, seeds: Sequence[int], n: int | None):
-        from adpo.world.source import WorldSource
-
-        self.parts = [WorldSource("train", seed=seed) for seed in seeds]
-        self.class_names = self.parts[0].class_names
-        self.name = f"world:train seeds {list(seeds)}"
-        self.size = sum(len(part) for part in self.parts) if n is None else min(n, sum(len(p) for p in self.parts))
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _record(self, index: int) -> ImageRecord:
-        for part in self.parts:
-            if index < len(part):
-                return part[index]
-            index -= len(part)
-        raise IndexError(index)
 
 
 def load_caption_images(config: DeltaClipConfig) -> ImageSource:
     labelled = config.class_prompt_probability > 0
-    if config.dataset in ("world", "world:train") and config.world_train_seeds != [0]:
-        return _WorldTrainSeeds(config.world_train_seeds, config.max_train_samples)
     columns = {} if data_plugin(config.dataset) else {"image_column": config.image_column, "caption_column": config.caption_column,
                                    **({"label_column": config.label_column} if labelled else {})}
     source = open_source(config.dataset, split=config.dataset_split, n=config.max_train_samples, labelled=labelled,

@@ -1,6 +1,7 @@
 """The bundled world as an adpo plugin (published in pyproject.toml under the ``adpo.plugins`` entry points): the names
-``world:small`` / ``world:large`` (LVLMs), ``world:clip`` (WorldCLIP), the data ``world`` / ``world:<split>``, the radius
-``world`` (the working ε in world.yaml) and the ``adpo world`` command. Everything heavy is imported on use."""
+``world:small`` / ``world:large`` (LVLMs), ``world:clip`` (WorldCLIP), the data ``world`` / ``world:<split>`` /
+``world:<split>@<seeds>`` (that split of several seeds' worlds, e.g. ``world:train@0-7``), the radius ``world`` (the
+working ε in world.yaml) and the ``adpo world`` command. Everything heavy is imported on use."""
 
 from __future__ import annotations
 
@@ -34,10 +35,20 @@ def _model_identity(name: str) -> str:
     return f"world-{world_model_key(name)}"
 
 
-def _open_source(split: str | None, n: int | None):
-    from adpo.world.source import WorldSource
+def _open_source(spec: str | None, n: int | None):
+    from adpo.world.source import WorldSource, parse_world_split
 
-    return WorldSource(split or "train", n=n)
+    split, seeds = parse_world_split(spec)
+    return WorldSource(split, n=n, seeds=seeds)
+
+
+def _check_data(spec: str | None) -> None:
+    from adpo.world.data import SPLIT_SIZES
+    from adpo.world.source import parse_world_split
+
+    split, _ = parse_world_split(spec)
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"the world has no split {split!r}; its splits are {', '.join(SPLIT_SIZES)}")
 
 
 def _working_eps() -> float:
@@ -55,6 +66,7 @@ PLUGIN = Plugin(
     load_clip=_load_clip,
     model_identity=_model_identity,
     open_source=_open_source,
+    check_data=_check_data,
     radius=_working_eps,
     default_data="world",
     command="adpo.world.cli",
