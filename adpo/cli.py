@@ -41,7 +41,7 @@ def _parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
             "Hugging Face-format outputs. Run `adpo <stage> --help` for a stage's options."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with: adpo run --config configs/quickstart.yaml   (offline, on the bundled world)",
+        epilog="Start with: adpo run --config configs/quickstart.yaml   (offline, on the bundled world)" + _plugin_names(),
     )
     parser.add_argument("--version", action="version", version=f"adpo {_version()}")
     parser.add_argument("--debug", action="store_true",
@@ -50,6 +50,20 @@ def _parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
     for name, (_, help_text) in commands.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _plugin_names() -> str:
+    """The model and data names plugins add, for the epilog (a stage's model or data key takes them)."""
+    from adpo.plugins import plugins
+
+    lines = []
+    for scheme, plugin in plugins().items():
+        names = [f"{scheme}:{model}" for model in plugin.model_names]
+        if plugin.open_source is not None:
+            names += [scheme, f"{scheme}:<split>"]
+        if names:
+            lines.append(f"  {scheme}: {', '.join(names)}")
+    return "\n\nNames plugins add (usable as a model or data in any stage):\n" + "\n".join(lines) if lines else ""
 
 
 def _version() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from adpo.errors import UsageError
 from adpo.io import check_writable
-from adpo.plugins import model_plugin
+from adpo.plugins import model_plugin, plugin_data_hint, plugin_model_hint
 from adpo.prompts import resolve_prompts
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
 from adpo.threat import ThreatArguments, ThreatModel
@@ -33,7 +33,7 @@ NON_CONTENT_FIELDS = frozenset(
 class PairsConfig(ThreatArguments):
     # --- model
     model_name_or_path: str = field(
-        default="", metadata={"help": "LLaVA-family model: hub id, local directory, or 'world:small' / 'world:large'."}
+        default="", metadata={"help": f"LLaVA-family model: hub id or local directory{plugin_model_hint('lvlm')}."}
     )
     dtype: str = field(default="auto", metadata={"help": f"Model dtype, one of {DTYPES}."})
     device_map: str | None = field(default=None, metadata={"help": "Passed to load_lvlm; default: this process's device."})
@@ -43,9 +43,9 @@ class PairsConfig(ThreatArguments):
     source: str = field(
         default="",
         metadata={"help": "Image source: an image folder, a saved HF dataset directory, a COCO captions .json, a hub "
-                          "dataset id, or 'world' / 'world:<split>' (the bundled world; the default for 'world:' models)."},
+                          f"dataset id{plugin_data_hint()}; default for a plugin's model: the plugin's data."},
     )
-    source_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of the world."})
+    source_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of a plugin's data."})
     image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
     id_column: str | None = field(default=None, metadata={"help": "HF dataset: column with a stable id (default: row index)."})
     image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
@@ -99,7 +99,7 @@ class PairsConfig(ThreatArguments):
     def validate(self) -> None:
         """Check every key; raise UsageError naming the key, the value and the fix. Touches no model."""
         if not self.model_name_or_path:
-            raise UsageError("model_name_or_path is required (a hub id, a local directory or 'world:small')")
+            raise UsageError(f"model_name_or_path is required: a hub id or a local directory{plugin_model_hint('lvlm')}")
         if self.model_name_or_path.startswith((".", "/", "~")) and not Path(self.model_name_or_path).expanduser().is_dir():
             raise UsageError(f"model_name_or_path {self.model_name_or_path!r} looks like a path but is not a directory")
         if self.dtype not in DTYPES:
@@ -109,7 +109,7 @@ class PairsConfig(ThreatArguments):
         check_writable(self.output_dir, "output_dir")
 
         if not self.resolved_source():
-            raise UsageError("source is required: an image folder, a saved HF dataset, a COCO .json, a hub id or 'world'")
+            raise UsageError(f"source is required: an image folder, a saved HF dataset, a COCO .json or a hub id{plugin_data_hint()}")
         check_source(self.resolved_source(), "source", self.source_split, split_key="source_split",
                      columns={"image_column": self.image_column, "id_column": self.id_column})
         if self.image_root and not Path(self.image_root).expanduser().is_dir():

@@ -11,12 +11,13 @@ import torch
 
 from adpo import plugins
 from adpo.errors import UsageError
-from adpo.plugins import Plugin, data_plugin, model_plugin, named_radius, split_name
+from adpo.plugins import Plugin, data_plugin, model_plugin, named_radius, plugin_data_hint, plugin_model_hint, split_name
 from adpo.testing import tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = ["adpo.cli", "adpo.pipeline", "adpo.eval.cli", "pairs.cli", "trainers.cli", "trainers.adpo", "trainers.fare",
-                 "trainers.tecoa", "trainers.simclip", "transfer.cli"]
+                 "trainers.tecoa", "trainers.simclip", "trainers.mmcoa", "trainers.deltaclip", "trainers.instruct",
+                 "trainers.classifier", "transfer.cli"]
 # core tests that never name the world; they run again with adpo.world unimportable
 CORE_TESTS = ["tests/test_core_threat.py", "tests/test_core_attacks.py", "tests/test_core_io.py", "tests/test_core_openclip.py",
               "tests/test_core_plugins.py::test_a_registered_plugin_serves_every_kind_of_name"]
@@ -56,6 +57,8 @@ def test_a_registered_plugin_serves_every_kind_of_name(toy_plugin):
     assert parse_eps("toy") == pytest.approx(3 / 255) and named_radius("2/255") is None
     assert len(open_source("toy:train", n=2)) == 2 and data_plugin("toy:test") == (plugin, "test")
     check_source("toy:anything", "data")  # a plugin's data is never refused as a missing path
+    assert "'toy:tiny'" in plugin_model_hint("lvlm") and "'toy:tiny'" not in plugin_model_hint("clip")
+    assert "'toy' / 'toy:<split>'" in plugin_data_hint()
     with pytest.raises(UsageError, match="no model of the 'toy' plugin; its models are: toy:tiny"):
         model_plugin("toy:huge")
 
@@ -67,12 +70,15 @@ def test_the_bundled_world_is_a_published_plugin():
     assert rest == "small" and world.model_kind("small") == "lvlm" and world.model_kind("clip") == "clip"
     assert named_radius("world") == pytest.approx(float(world_config()["working_eps"]))
     assert world.command == "adpo.world.cli" and world.default_data == "world"
+    help_text = subprocess.run([sys.executable, "-m", "adpo.cli", "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "world: world:small, world:large, world:clip, world, world:<split>" in help_text
 
 
-def test_no_core_module_names_the_world():
+def test_no_core_or_stage_module_names_the_world():
     offenders = []
-    for path in (REPO / "adpo").rglob("*.py"):
-        if "world" in path.relative_to(REPO / "adpo").parts[:1]:
+    for path in [*(REPO / "adpo").rglob("*.py"), *(REPO / "pairs").rglob("*.py"), *(REPO / "trainers").rglob("*.py"),
+                 *(REPO / "transfer").rglob("*.py")]:
+        if path.relative_to(REPO).parts[:2] == ("adpo", "world"):
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if re.search(r"adpo\.world|world:", line):
@@ -86,6 +92,8 @@ def test_the_core_and_every_stage_run_with_the_world_unimportable():
               f"import importlib; [importlib.import_module(m) for m in {STAGE_MODULES!r}]\n"
               "from adpo.plugins import plugins; from adpo.threat import parse_eps\n"
               "assert 'world' not in plugins(), plugins()\n"
+              "from adpo.plugins import plugin_data_hint, plugin_model_hint\n"
+              "assert plugin_model_hint() == plugin_data_hint() == ''\n"
               "try:\n    parse_eps('world')\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('world read as a radius')\n")
     imported = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr[-3000:]

@@ -74,6 +74,7 @@ from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_
 from adpo.lvlm import LlavaView
 from adpo.objectives import EmbeddingDistance
 from adpo.pairs_format import DATASET_DIR, REF_COLUMNS, REQUIRED_COLUMNS, check_pairs, load_pairs, missing_columns
+from adpo.plugins import plugin_data_hint, plugin_model_hint
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import (
@@ -114,7 +115,7 @@ class AdPOConfig(DPOConfig, ThreatArguments):
     # --- what to train on ---------------------------------------------------------------------------
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "LLaVA-family model: hub id, local directory or world:small / world:large."},
+        metadata={"help": f"LLaVA-family model: hub id or local directory{plugin_model_hint('lvlm')}."},
     )
     model_dtype: str = field(
         default="float32",
@@ -154,9 +155,9 @@ class AdPOConfig(DPOConfig, ThreatArguments):
     image_source: str | None = field(
         default=None,
         metadata={"help": "Images for online pairs (adpo.sources.open_source): an image folder, a saved HF dataset, "
-                  "a COCO captions .json, a hub dataset id, or 'world' / 'world:<split>'."},
+                  f"a COCO captions .json or a hub dataset id{plugin_data_hint()}."},
     )
-    image_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of the world."})
+    image_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of a plugin's data."})
     image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
     question_column: str | None = field(
         default=None, metadata={"help": "HF dataset: column with a question per image (for use_source_questions)."}
@@ -984,8 +985,8 @@ def build_trainer(args: AdPOConfig) -> AdPOTrainer:
     eval_dataset = None
     if args.pair_source == "online":
         if not args.image_source:
-            raise UsageError("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json, "
-                             "a hub dataset id or 'world')")
+            raise UsageError("pair_source: online needs image_source (an image folder, a saved HF dataset, a COCO .json or "
+                             f"a hub dataset id{plugin_data_hint()})")
         if args.dataset_path:
             logger.warning("pair_source: online generates its pairs; dataset_path %s is not read", args.dataset_path)
         train_dataset = open_online_images(args)

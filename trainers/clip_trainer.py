@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel
 
+from adpo.encoder_io import save_encoder
 from adpo.errors import UsageError
 from adpo.io import atomic_directory
-from adpo.encoder_io import save_encoder
 from adpo.models import clip_vision_part, load_clip, model_type_of, resolve_dtype
+from adpo.plugins import plugin_model_hint
 from adpo.preprocess import image_processor_of
 from adpo.runtime import CLIP_DIRNAME, ENCODER_DIRNAME, STAGE_OUTPUTS, write_stage_outputs
 from adpo.text_attacks import (
@@ -79,7 +80,7 @@ class ClipTrainingConfig(EncoderTrainingConfig):
         check_text_threat_settings(self)
         if self.model_name_or_path and model_type_of(self.model_name_or_path, self.trust_remote_code) not in (None, "clip"):
             raise UsageError(f"model_name_or_path={self.model_name_or_path!r} is not a CLIPModel; this trainer trains "
-                             "both towers: pass a CLIPModel directory or hub id, or 'world:clip'")
+                             f"both towers: pass a CLIPModel directory or hub id{plugin_model_hint('clip')}")
         super().__post_init__()
 
     @property

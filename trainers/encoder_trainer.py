@@ -7,8 +7,8 @@ brings checkpoints, resume, gradient accumulation, mixed precision and accelerat
 FSDP) for free.
 
 What is trained is always a CLIP vision encoder, whether it was given standalone (a
-``CLIPVisionModel`` or ``CLIPModel`` directory / hub id, ``world:clip``) or taken out of an LVLM
-(``llava-hf/...``, ``world:small``): the LVLM's tower is copied out as a ``CLIPVisionModel`` with the
+``CLIPVisionModel`` or ``CLIPModel`` directory / hub id, a plugin's CLIP model) or taken out of an LVLM
+(``llava-hf/...``, a plugin's LVLM): the LVLM's tower is copied out as a ``CLIPVisionModel`` with the
 LVLM's feature layer and CLS strategy, and the language model is dropped (none of these objectives
 uses it). Every checkpoint and the final result hold the trained encoder in the interchange format
 under ``encoder/`` (:func:`adpo.encoder_io.save_encoder`: a float32 ``CLIPVisionModel`` directory plus a card
@@ -44,6 +44,7 @@ from adpo.models import (
     resolve_dtype,
 )
 from adpo.objectives import Objective
+from adpo.plugins import plugin_data_hint, plugin_model_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     ENCODER_DIRNAME,
@@ -79,8 +80,8 @@ class EncoderTrainingConfig(TrainingArguments, ThreatArguments):
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "The encoder to train: a CLIPVisionModel or CLIPModel dir/hub id, 'world:clip', or an "
-                          "LVLM (llava-hf/..., 'world:small') whose vision tower is trained."},
+        metadata={"help": "The encoder to train: a CLIPVisionModel or CLIPModel dir/hub id, or an LVLM (llava-hf/...) "
+                          f"whose vision tower is trained{plugin_model_hint()}."},
     )
     embedding: str = field(
         default="pooled",
@@ -150,9 +151,9 @@ class EncoderTrainingConfig(TrainingArguments, ThreatArguments):
     def __post_init__(self) -> None:
         # Every check runs here, when the config is parsed: a bad value fails before any model loads.
         if self.model_name_or_path is None:
-            raise UsageError("model_name_or_path is required: a CLIP vision model, 'world:clip', or an LVLM id/dir")
+            raise UsageError(f"model_name_or_path is required: a CLIP vision model or an LVLM id/dir{plugin_model_hint()}")
         if self.dataset is None:
-            raise UsageError("dataset is required: 'world', an image folder, a saved HF dataset dir or a hub id")
+            raise UsageError(f"dataset is required: an image folder, a saved HF dataset dir or a hub id{plugin_data_hint()}")
         if self.output_dir is None:
             raise UsageError("output_dir is required: where checkpoints and the final encoder are written")
         if self.embedding not in EMBEDDINGS:

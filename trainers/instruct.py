@@ -41,12 +41,13 @@ from transformers.trainer_utils import SchedulerType
 
 import adpo
 from adpo.attacks import pgd
-from adpo.errors import UsageError, parse_config
 from adpo.encoder_io import put_encoder
+from adpo.errors import UsageError, parse_config
 from adpo.io import atomic_directory, atomic_file, write_json_atomic
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm, resolve_dtype
 from adpo.objectives import LanguageModelLoss
+from adpo.plugins import plugin_data_hint, plugin_model_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     check_training_arguments,
@@ -55,7 +56,7 @@ from adpo.runtime import (
     resume_checkpoint,
     write_stage_outputs,
 )
-from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, HFDatasetSource, ImageSource, check_source, open_source
+from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source
 from adpo.threat import EPS_SYNTAX, ThreatArguments
 from adpo.tower import VisionTower, find_projector, find_vision_tower, unreachable_tower_parameters
 
@@ -81,7 +82,7 @@ class InstructConfig(TrainingArguments, ThreatArguments):
     """
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The LVLM: a llava-hf hub id or directory, or world:small|large."})
+        default=None, metadata={"help": f"The LVLM: a llava-hf hub id or directory{plugin_model_hint('lvlm')}."})
     encoder: str | None = field(
         default=None,
         metadata={"help": "A CLIP encoder in the interchange format (e.g. runs/fare-world/encoder, or a trainer's run "
@@ -147,7 +148,7 @@ class InstructConfig(TrainingArguments, ThreatArguments):
 
     def __post_init__(self) -> None:
         if self.model_name_or_path is None:
-            raise UsageError("model_name_or_path is required: a llava-hf model id or directory, or world:small|large")
+            raise UsageError(f"model_name_or_path is required: a llava-hf model id or directory{plugin_model_hint('lvlm')}")
         if self.output_dir is None:
             raise UsageError("output_dir is required: where checkpoints and the trained weights are written")
         if not (self.train_projector or self.train_vision_tower or self.lora_r > 0):
@@ -319,14 +320,11 @@ class InstructExamples(torch.utils.data.Dataset):
 
 def _question_counts(source: ImageSource) -> list[int]:
     """Questions per image, read without decoding any image."""
-    inner = getattr(source, "inner", source)  # adpo.sources.Truncated
-    if isinstance(inner, HFDatasetSource) and inner.question_column and inner.answers_column:
-        return [1] * len(source)
-    dataset = getattr(inner, "dataset", None)  # the world's source: a dataset with a list of questions per image
-    if dataset is not None and "questions" in getattr(dataset, "column_names", ()):
-        return [len(q) for q in dataset["questions"][: len(source)]]
-    raise UsageError(f"{source.name} holds no questions; instruction tuning needs 'world' or a HF dataset with "
-                     "question_column and answers_column")
+    counts = source.question_counts()
+    if counts is None:
+        raise UsageError(f"{source.name} holds no questions; instruction tuning needs a HF dataset with question_column "
+                         f"and answers_column{plugin_data_hint()} with questions")
+    return counts
 
 
 @dataclass

@@ -6,7 +6,7 @@ t_c is the frozen CLIP text embedding of ``class_prompt_template.format(class_c)
 a {}"), W the CLIP model's frozen visual projection, s the logit scale (inverse temperature; CLIP's
 learned one unless set). The inner PGD maximises the same cross-entropy. Needs labelled images (an
 image folder with one sub-folder per class, a HF dataset with a label column, or the world) and a
-CLIP text tower (any HF ``CLIPModel``; ``world:clip`` in the bundled world).
+CLIP text tower (any HF ``CLIPModel``, or a plugin's CLIP model such as the bundled world's).
 
     accelerate launch -m trainers.tecoa --config configs/tecoa/world.yaml
     adpo train tecoa --config configs/tecoa/world.yaml
@@ -28,6 +28,7 @@ from adpo.errors import UsageError, parse_config
 from adpo.losses.encoder import tecoa_loss
 from adpo.models import LoadedEncoder, load_clip
 from adpo.objectives import ZeroShotCrossEntropy
+from adpo.plugins import plugin_model_hint
 from adpo.zeroshot import zero_shot_classifier
 from trainers.encoder_trainer import (
     EncoderAdversarialTrainer,
@@ -52,7 +53,7 @@ class TecoaConfig(EncoderTrainingConfig):
 
     text_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "CLIPModel whose text tower embeds the class prompts (dir, hub id or 'world:clip'); "
+        metadata={"help": f"CLIPModel whose text tower embeds the class prompts (dir or hub id{plugin_model_hint('clip')}); "
                           "default: model_name_or_path when that is a CLIPModel."},
     )
     class_prompt_template: str = field(default=TECOA_PROMPT_TEMPLATE, metadata={"help": "Prompt per class; {} = name."})
@@ -120,7 +121,7 @@ def load_text_tower(config: TecoaConfig, loaded: LoadedEncoder) -> tuple[CLIPMod
         if loaded.clip_model is None:
             raise ValueError(
                 f"{config.model_name_or_path!r} has no text tower; TeCoA needs one: set text_model_name_or_path to the "
-                "CLIPModel the encoder comes from (e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5, 'world:clip')"
+                f"CLIPModel the encoder comes from (e.g. openai/clip-vit-large-patch14-336 for LLaVA-1.5{plugin_model_hint('clip')})"
             )
         return loaded.clip_model, loaded.clip_processor
     clip, processor = load_clip(name)

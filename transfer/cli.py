@@ -1,6 +1,6 @@
 """``adpo transfer``: graft an encoder into an LVLM (and verify it); ``adpo transfer convert``: formats.
 
-    adpo transfer --encoder DIR|FILE|world:small --target MODEL --out DIR [--config configs/transfer/X.yaml]
+    adpo transfer --encoder DIR|FILE|LVLM --target MODEL --out DIR [--config configs/transfer/X.yaml]
     adpo transfer convert --from-open-clip FILE --activation quick_gelu --out ENCODER_DIR
     adpo transfer convert --to-open-clip ENCODER_DIR --out FILE.safetensors
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adpo.errors import UsageError, parse_config
+from adpo.plugins import plugin_data_hint, plugin_model_hint
 
 # OpenAI CLIP's normalisation constants (also LLaVA-1.5's, FARE's and TeCoA's).
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -24,8 +25,8 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 @dataclass
 class TransferConfig:
-    encoder: str = field(metadata={"help": "donor: encoder directory, open_clip .safetensors/.pt file, or an LVLM (world:small, dir, hub id)"})
-    target: str = field(metadata={"help": "target LVLM: hub id, local directory, or world:large"})
+    encoder: str = field(metadata={"help": f"donor: encoder directory, open_clip .safetensors/.pt file, or an LVLM (dir, hub id){plugin_model_hint('lvlm')}"})
+    target: str = field(metadata={"help": f"target LVLM: hub id or local directory{plugin_model_hint('lvlm')}"})
     out: str = field(metadata={"help": "output model directory (written atomically)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
     check_only: bool = field(default=False, metadata={"help": "print the geometry checks and exit (0 = compatible)"})
@@ -42,8 +43,8 @@ class TransferConfig:
     adopt_donor_activation: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's activation"})
     adopt_donor_layer_norm_eps: bool = field(default=False, metadata={"help": "run the grafted tower with the donor's layer-norm eps"})
     # verification
-    verify_data: str | None = field(default=None, metadata={"help": "world:SPLIT, a saved HF dataset (VQA: set question_column and "
-                                                                    "answers_column), an image folder or a COCO captions .json"})
+    verify_data: str | None = field(default=None, metadata={"help": "a saved HF dataset (VQA: set question_column and answers_column), an "
+                                                                    f"image folder or a COCO captions .json{plugin_data_hint()}"})
     question_column: str | None = field(default=None, metadata={"help": "saved HF dataset verify_data: the question column (one "
                                                                         "question per row), as in adpo eval"})
     answers_column: str | None = field(default=None, metadata={"help": "saved HF dataset verify_data: the reference answers (a list, "
@@ -64,7 +65,7 @@ class TransferConfig:
     robust_steps: int = 10
     # projector re-alignment (reported separately; saved to its own directory)
     realign_out: str | None = field(default=None, metadata={"help": "also save a projector-re-aligned copy here"})
-    realign_data: str | None = field(default=None, metadata={"help": "caption data: world:SPLIT or a datasets directory"})
+    realign_data: str | None = field(default=None, metadata={"help": f"caption data: a datasets directory{plugin_data_hint()}"})
     realign_caption_column: str | None = field(default=None, metadata={"help": "caption column of a saved HF dataset"})
     realign_samples: int = 256
     realign_steps: int = 100
@@ -117,13 +118,14 @@ def validate(config: TransferConfig) -> None:
         if value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
             raise UsageError(f"{key}={value!r} looks like a path but does not exist; pass an existing directory or file")
     if config.realign_out and not config.realign_data:
-        raise UsageError("realign_out needs realign_data (caption data other than the verification images, e.g. world:train)")
+        raise UsageError("realign_out needs realign_data (caption data other than the verification images, e.g. a plugin's "
+                         "train split)")
     if bool(config.question_column) != bool(config.answers_column):
         raise UsageError("set both question_column and answers_column (the VQA columns of verify_data), or neither")
     if config.robust_eps and config.verify_data and not (data_plugin(config.verify_data) or config.answers_column):
         raise UsageError(f"robust_eps needs reference answers but verify_data {config.verify_data!r} has none named: set "
-                         "question_column and answers_column to its VQA columns (a saved HF dataset), use world:SPLIT, "
-                         "or drop robust_eps")
+                         "question_column and answers_column to its VQA columns (a saved HF dataset), use a plugin's data "
+                         "with questions, or drop robust_eps")
     if config.robust_norm not in NORMS:
         raise UsageError(f"robust_norm={config.robust_norm!r}; use one of {NORMS}")
     for key in ("feature_shift_eps", "robust_eps"):

@@ -63,8 +63,8 @@ def load_donor(
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
 ) -> Donor:
-    """Load a donor from an encoder directory, an open_clip checkpoint file, or an LVLM (``world:small``, a
-    LLaVA directory or hub id) whose tower is exported. ``activation``/``num_attention_heads`` are needed
+    """Load a donor from an encoder directory, an open_clip checkpoint file, or an LVLM (a
+    LLaVA directory or hub id, a plugin's LVLM) whose tower is exported. ``activation``/``num_attention_heads`` are needed
     for open_clip files only; ``image_mean``/``image_std`` override what the donor ships. A trainer's run
     directory stands for the encoder it wrote in ``encoder/``."""
     loaded = load_vision_encoder(source, activation=activation, num_attention_heads=num_attention_heads)

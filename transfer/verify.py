@@ -44,7 +44,7 @@ class Sample:
 
 def load_samples(spec: str, n: int, caption_column: str | None = None, question_column: str | None = None,
                  answers_column: str | None = None, question_suffix: str = "") -> list[Sample]:
-    """Up to ``n`` samples from an image source spec (see :func:`adpo.sources.open_source`: ``world:SPLIT``, a
+    """Up to ``n`` samples from an image source spec (see :func:`adpo.sources.open_source`: a plugin's data, a
     saved HF dataset, an image folder, a COCO captions file). Image i asks its (i mod k)-th question plus
     ``question_suffix`` (with its reference answers) when the source has questions, else :data:`DEFAULT_QUESTION`;
     unreadable images are skipped. A saved HF dataset's columns are named as in ``adpo eval``: ``question_column``
