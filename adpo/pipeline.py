@@ -17,9 +17,10 @@ a model's name, or an input stage redone since. ``--force`` redoes everything,
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
-import multiprocessing
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -47,8 +48,8 @@ METHODS = ("fare", "tecoa", "simclip", "adpo", "mmcoa", "deltaclip", "instruct",
 # Trainers whose run is a whole LVLM, scored as it is on the size it tuned (no graft), and trainers whose run only
 # feeds other stages (a robust backbone for instruct's vision_backbone); the others train an encoder.
 LVLM_TRAINERS, FEEDING_TRAINERS = ("instruct",), ("classifier",)
-# train.<name>.inputs: a stage-config key filled with another method's output (its run directory + this suffix)
-INPUT_OUTPUTS = {"encoder": "", "vision_backbone": "classifier"}
+# train.<name>.inputs: a stage-config key -> the output (adpo_outputs.json) of another method's run that fills it
+INPUT_OUTPUTS = {"encoder": "encoder", "vision_backbone": "classifier"}
 # Each trainer's key for "train on the first N images" (AdPO with stored pairs: the pairs stage's images).
 TRAIN_IMAGES_KEYS = {"fare": "max_train_samples", "tecoa": "max_train_samples", "simclip": "max_train_samples",
                      "adpo": "max_images", "mmcoa": "max_train_samples", "deltaclip": "max_train_samples",
@@ -212,9 +213,9 @@ class StageFailed(RuntimeError):
         self.code = code
 
 
-# What every stage imports first (torch, transformers' models, TRL's parser): imported once here, a stage forked from
-# this process starts with them (a fresh interpreter spends about 13 s on them, once per stage).
-_STAGE_PRELOAD = ("adpo.models", "adpo.eval.loading", "adpo.eval.protocol", "trl")
+# What most stages import (torch, transformers' models, TRL's parser, datasets, the eval and its plots): imported once
+# here, a stage forked from this process starts with them (a fresh interpreter spends about 13 s on them per stage).
+_STAGE_PRELOAD = ("adpo.models", "adpo.eval.loading", "adpo.eval.protocol", "adpo.eval.cli", "adpo.eval.plots", "datasets", "trl")
 
 
 def _adpo(argv: list[str]) -> None:
@@ -226,6 +227,7 @@ def _adpo(argv: list[str]) -> None:
     else:
         for module in _STAGE_PRELOAD:
             importlib.import_module(module)
+        gc.freeze()  # the stage's garbage collector then never walks (and so never copies) this process's objects
         stage = multiprocessing.get_context("fork").Process(target=_run_stage, args=(argv,))
         stage.start()
         stage.join()
@@ -245,12 +247,14 @@ def _run_stage(argv: list[str]) -> None:
     os._exit(code)
 
 
-
-
-def _resume_training(stage_config: dict[str, Any]) -> dict[str, Any]:
-    """A training stage killed half-way goes on from its newest checkpoint (none: from the start). Added when the
-    stage runs, not to its recorded settings: resuming changes no result, only the time it takes."""
-    return stage_config | {"resume_from_checkpoint": "last"}
+def _training_resolver(input_runs: dict[str, Path]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """What a training stage adds when it runs, not to its recorded settings: its inputs as the outputs their runs
+    declare (:data:`INPUT_OUTPUTS`), and resuming from its newest checkpoint (none: from the start), which changes no
+    result, only the time it takes."""
+    def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
+        declared = {key: str(stage_output(run, INPUT_OUTPUTS[key])) for key, run in input_runs.items()}
+        return stage_config | declared | {"resume_from_checkpoint": "last"}
+    return resolve
 
 
 def _eval_name(method: str, size: str) -> str:
@@ -300,11 +304,11 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             keys["attack_eps"] = train_eps
         if trainer in LVLM_TRAINERS:
             keys["model_name_or_path"] = config.small_model if config.train[method].size == "small" else config.large_model
-        for key, source in config.train[method].inputs.items():
-            keys[key] = str(out / "train" / source / "run" / INPUT_OUTPUTS[key])
-            inputs += (f"train-{source}",)
+        input_runs = {key: out / "train" / source / "run" for key, source in config.train[method].inputs.items()}
+        keys |= {key: str(run) for key, run in input_runs.items()}  # recorded as the run; resolved when the stage runs
+        inputs += tuple(f"train-{source}" for source in config.train[method].inputs.values())
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
-                                     inputs, _resume_training))
+                                     inputs, _training_resolver(input_runs)))
 
     if config.eval_zeroshot is not None:  # right after training: they need no transfer
         from adpo.pipeline_zeroshot import zeroshot_stages

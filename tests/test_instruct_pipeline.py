@@ -8,6 +8,7 @@ import yaml
 
 from adpo import pipeline
 from adpo.errors import UsageError
+from adpo.runtime import write_stage_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,14 @@ def _config(tmp_path):
 
 def test_instruct_and_classifier_methods_get_their_stages_inputs_and_reports(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(pipeline, "_adpo", lambda argv: calls.append(argv))
+
+    def stage_declaring_its_outputs(argv):
+        calls.append(argv)
+        if argv[0] == "train":  # what a trainer declares: the pipeline reads its inputs from there, not by convention
+            run = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())["output_dir"]
+            write_stage_outputs(run, encoder=Path(run, "encoder"), classifier=Path(run, "classifier"), model=Path(run, "model"))
+
+    monkeypatch.setattr(pipeline, "_adpo", stage_declaring_its_outputs)
     pipeline.run_pipeline(pipeline.PipelineConfig.from_yaml(_write(tmp_path, _config(tmp_path))))
     out = tmp_path / "out"
     stage = lambda *parts: yaml.safe_load(out.joinpath(*parts, "stage_config.yaml").read_text())  # noqa: E731
@@ -48,7 +56,7 @@ def test_instruct_and_classifier_methods_get_their_stages_inputs_and_reports(tmp
     assert commands[:4] == [("train", "fare"), ("train", "classifier"), ("train", "instruct"), ("train", "instruct")]
     assert commands.count(("transfer", "--config")) == 1  # only the encoder is grafted
     advit, rvit = stage("train", "fare_advit"), stage("train", "rvit_large")
-    assert advit["encoder"] == str(out / "train/fare/run") and advit["model_name_or_path"] == "world:small"
+    assert advit["encoder"] == str(out / "train/fare/run/encoder") and advit["model_name_or_path"] == "world:small"
     assert advit["attack_eps"] == "8/255" and advit["max_train_samples"] == 32
     assert rvit["vision_backbone"] == str(out / "train/robust_vit/run/classifier") and rvit["model_name_or_path"] == "world:large"
     assert "max_train_samples" not in stage("train", "robust_vit")  # its pretraining is not the LVLMs' budget
