@@ -463,7 +463,9 @@ def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     None when it does."""
     if not {"settings", "models", "inputs"} <= record.keys():
         return "it was run by an older adpo that did not record all it ran with"
-    old, new = record["settings"], wanted["settings"]
+    # a run recorded before the attack keys were renamed ran with the same settings under their old names
+    old = {DEPRECATED_THREAT_KEYS.get(key, key): value for key, value in record["settings"].items()}
+    new = wanted["settings"]
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key, ...) != new.get(key, ...))
     if changed:
         shown = "; ".join(f"{key}: {_shown(old, key)} -> {_shown(new, key)}" for key in changed[:3])

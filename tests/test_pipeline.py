@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from adpo import pipeline
+from adpo.threat import DEPRECATED_THREAT_KEYS
 
 
 @pytest.fixture(autouse=True)
@@ -165,6 +166,23 @@ def test_a_changed_setting_redoes_the_stages_it_reaches_and_says_why(tmp_path, m
     assert report == tmp_path / "out/report"
     ran.clear()
     pipeline.run_pipeline(_config(tmp_path, eval_samples=3))
+    assert ran == []
+
+
+def test_a_run_recorded_under_the_old_attack_key_names_is_not_redone(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: ran.append(_stage_of(argv)))
+    config = _config(tmp_path)
+    config.train["fare"].overrides.update(attack_eps="4/255", attack_steps=3)
+    pipeline.run_pipeline(config)
+    for done in (tmp_path / "out").rglob("STAGE_DONE.json"):  # as adpo wrote them before eps/steps were renamed
+        record = json.loads(done.read_text())
+        record["settings"] = {{v: k for k, v in DEPRECATED_THREAT_KEYS.items()}.get(key, key): value
+                              for key, value in record["settings"].items()}
+        done.write_text(json.dumps(record))
+    assert {"eps", "steps"} <= json.loads((tmp_path / "out/train/fare/STAGE_DONE.json").read_text())["settings"].keys()
+    ran.clear()
+    pipeline.run_pipeline(config)
     assert ran == []
 
 
