@@ -36,7 +36,7 @@ import yaml
 
 from adpo.errors import UsageError, renamed_keys
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
-from adpo.runtime import stage_output
+from adpo.runtime import STAGE_OUTPUTS, stage_output
 from adpo.threat import DEPRECATED_THREAT_KEYS
 
 DONE_MARKER = "STAGE_DONE.json"
@@ -168,6 +168,7 @@ class Stage:
     settings: dict[str, Any]
     run: Callable[[], None]
     inputs: tuple[str, ...] = ()
+    declares: Path | None = None  # where the stage declares the outputs later stages read (adpo_outputs.json)
 
 
 def _repo_root() -> Path:
@@ -309,6 +310,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         inputs += tuple(f"train-{source}" for source in config.train[method].inputs.values())
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
                                      inputs, _training_resolver(input_runs)))
+        stages[-1].declares = train_dir / "run"
 
     if config.eval_zeroshot is not None:  # right after training: they need no transfer
         from adpo.pipeline_zeroshot import zeroshot_stages
@@ -480,6 +482,10 @@ def why_outdated(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     return None
 
 
+def _declares_outputs(directory: Path) -> bool:
+    return (directory / STAGE_OUTPUTS).is_file()
+
+
 def _decide(stage: Stage, wanted: dict[str, Any], done: dict[str, Any] | None, redone: set[str], forced: bool) -> tuple[str, str | None]:
     """``("skip" | "run" | "redo", why)`` for ``stage``, which is to run as ``wanted`` says and finished as ``done``
     says (None: it did not): a finished stage whose record still holds is skipped; a stage never finished runs
@@ -492,6 +498,8 @@ def _decide(stage: Stage, wanted: dict[str, Any], done: dict[str, Any] | None, r
         return "run", None
     upstream = next((name for name in stage.inputs if name in redone), None)
     reason = f"its input stage {upstream} is redone" if upstream else why_outdated(started, wanted)
+    if not reason and done and stage.declares is not None and not _declares_outputs(stage.declares):
+        reason = f"it finished under an older adpo that did not declare its outputs ({stage.declares / STAGE_OUTPUTS})"
     if reason:
         return "redo", reason
     return ("skip", None) if done else ("run", None)

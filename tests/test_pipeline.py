@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from adpo import pipeline
+from adpo.runtime import write_stage_outputs
 from adpo.threat import DEPRECATED_THREAT_KEYS
 
 
@@ -12,6 +13,7 @@ from adpo.threat import DEPRECATED_THREAT_KEYS
 def declared_outputs(monkeypatch):
     """Stages faked by these tests write nothing: a trained encoder is where every trainer declares it."""
     monkeypatch.setattr(pipeline, "stage_output", lambda directory, name: Path(directory) / name)
+    monkeypatch.setattr(pipeline, "_declares_outputs", lambda directory: True)
 
 
 def run_stages_in_process(monkeypatch):
@@ -253,6 +255,20 @@ def test_list_says_what_a_rerun_would_do(tmp_path, monkeypatch):
     marker.write_text(json.dumps({"stage": "pairs", "seconds": 1.0}))  # left by an adpo before settings were recorded
     assert dict((stage.name, state) for stage, state in pipeline.stage_states(config))["pairs"] == (
         "redo: it was run by an older adpo that did not record all it ran with")
+
+
+def test_a_training_run_that_declares_no_outputs_is_redone(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_adpo", lambda argv: None)
+    monkeypatch.setattr(pipeline, "_declares_outputs", lambda directory: (directory / "adpo_outputs.json").is_file())
+    config = _config(tmp_path)
+    pipeline.run_pipeline(config)
+    for method in ("fare", "adpo"):
+        write_stage_outputs(tmp_path / f"out/train/{method}/run", encoder=tmp_path / f"out/train/{method}/run/encoder")
+    (tmp_path / "out/train/fare/run/adpo_outputs.json").unlink()  # as an adpo before outputs were declared left it
+    states = dict((stage.name, state) for stage, state in pipeline.stage_states(config))
+    assert states["train-fare"] == ("redo: it finished under an older adpo that did not declare its outputs "
+                                    f"({tmp_path / 'out/train/fare/run/adpo_outputs.json'})")
+    assert states["transfer-fare"] == "redo: its input stage train-fare is redone" and states["train-adpo"] == "done"
 
 
 def test_bad_pipeline_configs_name_the_problem(tmp_path):
