@@ -15,7 +15,7 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "run": ("adpo.pipeline", "run the whole pipeline (pairs -> AdPO/FARE/TeCoA -> transfer -> eval) from one config"),
     "pairs": ("pairs.cli", "generate a preference dataset: clean-image answers (chosen) vs adversarial-image answers (rejected)"),
-    "train": ("trainers.cli", "train a robust vision encoder: adpo | fare | tecoa | simclip"),
+    "train": ("trainers.cli", "train a robust encoder or LVLM: adpo | fare | tecoa | simclip | mmcoa | deltaclip | instruct | classifier"),
     "transfer": ("transfer.cli", "graft a trained encoder into a (larger) LVLM, convert formats, verify"),
     "eval": ("adpo.eval.cli", "evaluate clean and adversarial robustness; write JSON/Markdown reports and plots"),
 }
@@ -37,7 +37,7 @@ def _parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
         prog="adpo",
         description=(
             "Adversarially robust LLaVA-family vision-language models by preference optimisation (AdPO), "
-            "with FARE and TeCoA baselines. Every stage reads a YAML config (--config) and writes "
+            "beside the defences it grows from (FARE, TeCoA, Sim-CLIP, MMCoA, ΔCLIP, adversarial instruction tuning). Every stage reads a YAML config (--config) and writes "
             "Hugging Face-format outputs. Run `adpo <stage> --help` for a stage's options."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
