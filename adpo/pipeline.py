@@ -36,7 +36,7 @@ import yaml
 
 from adpo.errors import UsageError, renamed_keys
 from adpo.io import atomic_directory, write_json_atomic, write_yaml_atomic
-from adpo.runtime import STAGE_OUTPUTS, stage_output
+from adpo.runtime import STAGE_OUTPUTS, declared_outputs_of
 from adpo.threat import DEPRECATED_THREAT_KEYS
 
 DONE_MARKER = "STAGE_DONE.json"
@@ -248,16 +248,6 @@ def _run_stage(argv: list[str]) -> None:
     os._exit(code)
 
 
-def _training_resolver(input_runs: dict[str, Path]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """What a training stage adds when it runs, not to its recorded settings: its inputs as the outputs their runs
-    declare (:data:`INPUT_OUTPUTS`), and resuming from its newest checkpoint (none: from the start), which changes no
-    result, only the time it takes."""
-    def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-        declared = {key: str(stage_output(run, INPUT_OUTPUTS[key])) for key, run in input_runs.items()}
-        return stage_config | declared | {"resume_from_checkpoint": "last"}
-    return resolve
-
-
 def _eval_name(method: str, size: str) -> str:
     """The report's row label, e.g. ``adpo (small)``."""
     return f"{method} ({size})"
@@ -281,6 +271,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         if config.train_images is not None:
             keys["max_images"] = config.train_images
         stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
+        stages[-1].declares = pairs_dir / "run"
 
     for method in config.methods:
         trainer = config.trainer_of(method)
@@ -289,6 +280,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         train_dir = out / "train" / method
         keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
         inputs: tuple[str, ...] = ()
+        # keys recorded as the run they come from and set, when the stage runs, to what that run declared
+        declared: dict[str, tuple[Path, str]] = {}
         if trainer == "adpo":
             # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
             # base config says (the world's standalone WorldCLIP, whose vision tower the LVLMs share).
@@ -297,7 +290,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 if config.train_images is not None:
                     keys["max_images"] = config.train_images
             else:
-                keys["dataset_path"] = str(pairs_dir / "run" / "dataset")
+                keys["dataset_path"] = str(pairs_dir / "run")
+                declared["dataset_path"] = (pairs_dir / "run", "dataset")
                 inputs = ("pairs",)
         elif config.train_images is not None and trainer in TRAIN_IMAGES_KEYS:
             keys[TRAIN_IMAGES_KEYS[trainer]] = config.train_images
@@ -305,11 +299,13 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             keys["attack_eps"] = train_eps
         if trainer in LVLM_TRAINERS:
             keys["model_name_or_path"] = config.small_model if config.train[method].size == "small" else config.large_model
-        input_runs = {key: out / "train" / source / "run" for key, source in config.train[method].inputs.items()}
-        keys |= {key: str(run) for key, run in input_runs.items()}  # recorded as the run; resolved when the stage runs
-        inputs += tuple(f"train-{source}" for source in config.train[method].inputs.values())
+        for key, source in config.train[method].inputs.items():
+            keys[key] = str(out / "train" / source / "run")
+            declared[key] = (out / "train" / source / "run", INPUT_OUTPUTS[key])
+            inputs += (f"train-{source}",)
+        # resuming from the newest checkpoint (none: from the start) changes no result, so it is not recorded
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
-                                     inputs, _training_resolver(input_runs)))
+                                     inputs, declared_outputs_of(declared, resume_from_checkpoint="last")))
         stages[-1].declares = train_dir / "run"
 
     if config.eval_zeroshot is not None:  # right after training: they need no transfer
@@ -318,9 +314,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         stages += zeroshot_stages(config, out, Stage, _command_stage, _merged_config, _adpo, ORIGINAL)
 
     def with_trained_encoder(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-            return stage_config | {"encoder": str(stage_output(out / "train" / method / "run", "encoder"))}
-        return resolve
+        return declared_outputs_of({"encoder": (out / "train" / method / "run", "encoder")})
 
     encoder_methods = [m for m in config.methods if config.trainer_of(m) not in LVLM_TRAINERS + FEEDING_TRAINERS]
     if config.eval_large:
@@ -353,8 +347,8 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 if method == ORIGINAL:
                     keys.update(model=base_model, encoder=None)
                 elif config.trainer_of(method) in LVLM_TRAINERS:  # the merged model the run exported
-                    keys.update(model=str(out / "train" / method / "run" / "model"), encoder=None)
-                    inputs = (f"train-{method}",)
+                    keys.update(model=str(out / "train" / method / "run"), encoder=None)
+                    inputs, resolve = (f"train-{method}",), declared_outputs_of({"model": (out / "train" / method / "run", "model")})
                 elif size == "small":
                     keys.update(model=base_model, encoder=str(out / "train" / method / "run"))
                     inputs, resolve = (f"train-{method}",), with_trained_encoder(method)

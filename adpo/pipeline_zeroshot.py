@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from adpo.io import atomic_directory, write_json_atomic
-from adpo.runtime import CLIP_DIRNAME
+from adpo.runtime import CLIP_DIRNAME, declared_outputs_of
 
 # Trainers that write a whole CLIPModel in <run>/clip (both towers trained).
 CLIP_TRAINERS = ("mmcoa", "deltaclip")
@@ -46,10 +46,10 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
         elif config.trainer_of(method) in CLIP_TRAINERS:
             clip = str(out / "train" / method / "run" / CLIP_DIRNAME)
             keys.update(clip_model=clip, model=clip, encoder=None)
-            inputs, resolve = (f"train-{method}",), _with_output(out, method, "clip", ("clip_model", "model"))
+            inputs, resolve = (f"train-{method}",), declared_outputs_of({key: (out / "train" / method / "run", "clip") for key in ("clip_model", "model")})
         else:
             keys.update(clip_model=base_clip, model=base_clip, encoder=str(out / "train" / method / "run"))
-            inputs, resolve = (f"train-{method}",), _with_output(out, method, "encoder", ("encoder",))
+            inputs, resolve = (f"train-{method}",), declared_outputs_of({"encoder": (out / "train" / method / "run", "encoder")})
         if config.eps is not None:
             keys["attack_eps"] = [config.eps]
         stage_name = f"zeroshot-{method}"
@@ -70,16 +70,6 @@ def zeroshot_stages(config, out: Path, stage_type, command_stage: Callable, merg
 
     stages.append(stage_type("report-zeroshot", report_dir, {"compare": compare}, run_report, tuple(stage_names)))
     return stages
-
-
-def _with_output(out: Path, method: str, output: str, keys: tuple[str, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """When the stage runs: ``keys`` set to the ``output`` the method's training run declared."""
-    def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
-        from adpo.runtime import stage_output
-
-        location = str(stage_output(out / "train" / method / "run", output))
-        return stage_config | {key: location for key in keys}
-    return resolve
 
 
 def multimodal_comparison(report_dirs: list[Path], names: list[str]) -> dict:

@@ -10,7 +10,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -146,6 +146,15 @@ def stage_output(output_dir: str | os.PathLike, name: str) -> Path:
     if name not in declared:
         raise UsageError(f"{output_dir} declares no {name!r} output; it has {sorted(declared)}")
     return Path(output_dir) / declared[name]
+
+
+def declared_outputs_of(inputs: dict[str, tuple[str | os.PathLike, str]], **fixed: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """For a stage whose config is completed when it runs: each key of ``inputs`` set to the output ``(run
+    directory, output name)`` that run declared (:func:`stage_output`), and the ``fixed`` keys."""
+    def resolve(stage_config: dict[str, Any]) -> dict[str, Any]:
+        declared = {key: str(stage_output(run, output)) for key, (run, output) in inputs.items()}
+        return stage_config | declared | fixed
+    return resolve
 
 
 def checkpoint_encoder_dir(checkpoint: str | os.PathLike) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adpo import pipeline
+from adpo import pipeline, runtime
 from adpo.errors import UsageError
 from adpo.runtime import write_stage_outputs
 
@@ -14,7 +14,7 @@ from adpo.runtime import write_stage_outputs
 @pytest.fixture(autouse=True)
 def declared_outputs(monkeypatch):
     """Stages faked by these tests write nothing: a trained encoder is where every trainer declares it."""
-    monkeypatch.setattr(pipeline, "stage_output", lambda directory, name: Path(directory) / name)
+    monkeypatch.setattr(runtime, "stage_output", lambda directory, name: Path(directory) / name)
 
 
 def _write(tmp_path, content):

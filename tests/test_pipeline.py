@@ -4,15 +4,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adpo import pipeline
+from adpo import pipeline, runtime
 from adpo.runtime import write_stage_outputs
 from adpo.threat import DEPRECATED_THREAT_KEYS
+
+
+STAGE_OUTPUT = runtime.stage_output
 
 
 @pytest.fixture(autouse=True)
 def declared_outputs(monkeypatch):
     """Stages faked by these tests write nothing: a trained encoder is where every trainer declares it."""
-    monkeypatch.setattr(pipeline, "stage_output", lambda directory, name: Path(directory) / name)
+    monkeypatch.setattr(runtime, "stage_output", lambda directory, name: Path(directory) / name)
     monkeypatch.setattr(pipeline, "_declares_outputs", lambda directory: True)
 
 
@@ -264,6 +267,7 @@ def test_a_training_run_that_declares_no_outputs_is_redone(tmp_path, monkeypatch
     pipeline.run_pipeline(config)
     for method in ("fare", "adpo"):
         write_stage_outputs(tmp_path / f"out/train/{method}/run", encoder=tmp_path / f"out/train/{method}/run/encoder")
+    write_stage_outputs(tmp_path / "out/pairs/run", dataset=tmp_path / "out/pairs/run/dataset")
     (tmp_path / "out/train/fare/run/adpo_outputs.json").unlink()  # as an adpo before outputs were declared left it
     states = dict((stage.name, state) for stage, state in pipeline.stage_states(config))
     assert states["train-fare"] == ("redo: it finished under an older adpo that did not declare its outputs "
@@ -481,8 +485,9 @@ def test_each_stage_runs_as_its_own_process_and_a_failed_one_stops_the_run_with_
 
 
 def test_a_trainer_declares_its_outputs_where_the_pipeline_reads_them(tmp_path):
-    from adpo.runtime import STAGE_OUTPUTS, stage_output, write_stage_outputs
+    from adpo.runtime import STAGE_OUTPUTS
 
+    stage_output = STAGE_OUTPUT  # the real one: the fixture stands in for it in the other tests
     write_stage_outputs(tmp_path, encoder=tmp_path / "encoder", lvlm=tmp_path / "lvlm")
     assert json.loads((tmp_path / STAGE_OUTPUTS).read_text()) == {"encoder": "encoder", "lvlm": "lvlm"}
     assert stage_output(tmp_path, "encoder") == tmp_path / "encoder"
