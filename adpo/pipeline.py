@@ -280,7 +280,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
         train_dir = out / "train" / method
         keys: dict[str, Any] = {"output_dir": str(train_dir / "run"), "seed": config.seed}
         inputs: tuple[str, ...] = ()
-        # keys recorded as the run they come from and set, when the stage runs, to what that run declared
+        # keys set, when the stage runs, to what their run declared (recorded as the path the run is expected to give)
         declared: dict[str, tuple[Path, str]] = {}
         if trainer == "adpo":
             # AdPO trains the tower inside the small LVLM; the baselines train the same encoder wherever their
@@ -290,7 +290,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 if config.train_images is not None:
                     keys["max_images"] = config.train_images
             else:
-                keys["dataset_path"] = str(pairs_dir / "run")
+                keys["dataset_path"] = str(pairs_dir / "run" / "dataset")  # recorded as earlier versions did
                 declared["dataset_path"] = (pairs_dir / "run", "dataset")
                 inputs = ("pairs",)
         elif config.train_images is not None and trainer in TRAIN_IMAGES_KEYS:
@@ -347,7 +347,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 if method == ORIGINAL:
                     keys.update(model=base_model, encoder=None)
                 elif config.trainer_of(method) in LVLM_TRAINERS:  # the merged model the run exported
-                    keys.update(model=str(out / "train" / method / "run"), encoder=None)
+                    keys.update(model=str(out / "train" / method / "run" / "model"), encoder=None)  # as recorded before
                     inputs, resolve = (f"train-{method}",), declared_outputs_of({"model": (out / "train" / method / "run", "model")})
                 elif size == "small":
                     keys.update(model=base_model, encoder=str(out / "train" / method / "run"))
