@@ -36,9 +36,10 @@ def _parser(commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adpo",
         description=(
-            "Adversarially robust LLaVA-family vision-language models by preference optimisation (AdPO), "
-            "beside the defences it grows from (FARE, TeCoA, Sim-CLIP, MMCoA, ΔCLIP, adversarial instruction tuning). Every stage reads a YAML config (--config) and writes "
-            "Hugging Face-format outputs. Run `adpo <stage> --help` for a stage's options."
+            "Adversarially robust LLaVA-family vision-language models by preference optimisation (AdPO),\n"
+            "beside the defences it grows from (FARE, TeCoA, Sim-CLIP, MMCoA, ΔCLIP, adversarial instruction\n"
+            "tuning). Every stage reads a YAML config (--config) and writes Hugging Face-format outputs.\n"
+            "Run `adpo <stage> --help` for a stage's options."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with: adpo run --config configs/quickstart.yaml   (offline, on the bundled world)" + _plugin_names(),
