@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adpo.errors import UsageError
 from adpo.eval.report import (
     REPORT_FORMAT,
     REPORT_VERSION,
@@ -216,7 +217,7 @@ def test_paired_comparison_counts_questions_gained_and_lost():
     assert paired_comparison(other, baseline)[1]["shared_samples"] == 3
 
 
-def test_compare_pairs_each_report_with_the_last_baseline_before_it(tmp_path):
+def test_compare_pairs_each_report_with_the_last_baseline_before_it(tmp_path, capsys):
     reports = {
         "original (small)": synthetic_report("original (small)", robust={"2/255": (0, 0, 0, 0)}),
         "adpo (small)": synthetic_report("adpo (small)", robust={"2/255": (1, 1, 1, 0)}),
@@ -237,8 +238,14 @@ def test_compare_pairs_each_report_with_the_last_baseline_before_it(tmp_path):
     # default: everything against the first report
     default = json.loads(compare_reports(directories, tmp_path / "cmp2")["json"].read_text())["paired"]
     assert {row["baseline"] for row in default} == {"original (small)"} and len({row["name"] for row in default}) == 3
-    with pytest.raises(ValueError, match="matches no report.*original \\(small\\)"):
+    with pytest.raises(UsageError, match="matches no report.*original \\(small\\)"):
         compare_reports(directories, tmp_path / "cmp3", baselines=["undefended"])
+    # from the command line: one line and exit code 2, no traceback
+    from adpo.eval.cli import compare_main
+    from adpo.runtime import run_as_process
+
+    assert run_as_process(lambda: compare_main([*map(str, directories), "--versus", "undefended", "adpo (small)"])) == 2
+    assert capsys.readouterr().err.strip().startswith("adpo: error: --versus ['undefended'] matches no report")
 
 
 def test_compare_versus_adds_a_head_to_head_comparison(tmp_path):

@@ -41,6 +41,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from adpo.errors import UsageError
 from adpo.io import write_text_atomic
 
 REPORT_FORMAT = "adpo-eval-report"
@@ -375,7 +376,7 @@ def _baseline_positions(reports: Sequence[dict], baselines: Sequence[str] | None
     if baselines:
         unknown = [name for name in baselines if name not in labels]
         if unknown:
-            raise ValueError(f"--baseline {unknown} matches no report; the report names are {labels}")
+            raise UsageError(f"--baseline {unknown} matches no report; the report names are {labels}")
         marked = {i for i, label in enumerate(labels) if label in baselines}
     else:
         marked = {0}
@@ -435,7 +436,7 @@ def compare_reports(
     by_label = {report_label(r): r for r in reports}
     unknown = [name for pair in versus for name in pair if name not in by_label]
     if unknown:
-        raise ValueError(f"--versus {unknown} matches no report; the report names are {list(by_label)}")
+        raise UsageError(f"--versus {unknown} matches no report; the report names are {list(by_label)}")
     paired += [row for first, second in versus for row in paired_comparison(by_label[first], by_label[second], metric)]
     if paired:
         lines += [
