@@ -87,11 +87,17 @@ def test_bad_settings_are_refused_before_any_model_loads(clip_dir, tmp_path, opt
         _config(clip_dir, tmp_path / "run", **options)
 
 
-@pytest.mark.parametrize("name", ["world.yaml", "world-gpu.yaml"])
+@pytest.mark.parametrize("name", ["world.yaml", "world-gpu.yaml", "clip-vit-l14-336.yaml"])
 def test_shipped_configs_parse(name):
     from trl import TrlParser
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "deltaclip" / name
-    (config,) = TrlParser([deltaclip.DeltaClipConfig]).parse_args_and_config(["--config", str(path), "--use_cpu", "true"])
-    assert config.from_scratch is (name == "world-gpu.yaml")
-    assert "red" in config.text_protected_words and config.text_threat.max_substitutions == 1
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    stand_in = [] if name.startswith("world") else ["--dataset", str(configs)]  # COCO is not here offline
+    (config,) = TrlParser([deltaclip.DeltaClipConfig]).parse_args_and_config(
+        ["--config", str(configs / "deltaclip" / name), "--use_cpu", "true", *stand_in])
+    assert config.from_scratch is (name == "world-gpu.yaml") and config.text_threat.max_substitutions == 1
+    if name.startswith("world"):
+        assert "red" in config.text_protected_words
+    else:
+        assert config.threat_model().eps == pytest.approx(2 / 255) and config.learning_rate == pytest.approx(1e-5)
+        assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128
