@@ -32,9 +32,9 @@ class Plugin:
     plugin does not know); ``load_lvlm(rest, dtype)`` and ``load_clip(rest)`` return (model, processor);
     ``model_identity(rest)`` a key that changes when the weights do (resume checks). ``open_source(split, n)`` opens
     ``<scheme>`` / ``<scheme>:<split>`` as an image source (``split`` None for the bare name); ``check_data(split)``
-raises ``ValueError`` with the fix for a split it cannot open, cheaply (before any model loads). ``radius()`` is the value
-    of the bare ``<scheme>`` written as an ε; ``default_data`` the data its models are meant for, used where a stage's
-    data is left empty. ``command`` is a module with ``main(argv)`` run as ``adpo <scheme> …``.
+    raises ``ValueError`` with the fix for a split it cannot open, cheaply (before any model loads). ``radius()`` is
+    the value of the bare ``<scheme>`` written as an ε; ``default_data`` the data its models are meant for, used where
+    a stage's data is left empty. ``command`` is a module with ``main(argv)`` run as ``adpo <scheme> …``.
     """
 
     scheme: str
@@ -126,7 +126,6 @@ def named_radius(text: str) -> float | None:
 def radius_names() -> list[str]:
     """The bare names that stand for an ε (for help texts and errors)."""
     return sorted(plugin.scheme for plugin in plugins().values() if plugin.radius is not None)
-
 
 
 def plugin_model_hint(kind: str | None = None) -> str:
