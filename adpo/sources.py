@@ -77,6 +77,27 @@ ALLOW_OUTSIDE_ROOT_HELP = ("Read image paths that lead outside their root (a COC
                            "dataset's path outside its folder, a folder's symlink out of it); refused by default.")
 
 
+@dataclass
+class ImageSourceArguments:
+    """How a stage reads the images of its source (:func:`open_source`): the keys every stage that makes its own image
+    data shares (``adpo pairs``, AdPO's online pairs), beside its own key naming the source. A stage's config inherits
+    them, as it inherits :class:`adpo.threat.ThreatArguments`."""
+
+    image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
+    image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
+    allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
+    max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
+
+    def image_source_problems(self) -> list[str]:
+        """What is wrong with these keys, one line each with the fix, checked without reading any image."""
+        problems = []
+        if self.image_root and not Path(self.image_root).expanduser().is_dir():
+            problems.append(f"image_root={self.image_root!r} is not a directory; set it to the folder of the image files")
+        if self.max_images is not None and self.max_images < 1:
+            problems.append(f"max_images={self.max_images}; must be >= 1 or unset")
+        return problems
+
+
 def resolve_inside(root: str | os.PathLike, name: str | os.PathLike, row: str, allow_outside_root: bool = False) -> Path:
     """``root / name`` (``name`` relative to ``root``, or absolute), refused when it leads outside ``root``.
 

@@ -15,7 +15,7 @@ from adpo.errors import UsageError
 from adpo.io import check_writable
 from adpo.plugins import model_plugin, plugin_data_hint, plugin_model_hint
 from adpo.prompts import resolve_prompts
-from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
+from adpo.sources import ImageSourceArguments, check_source
 from adpo.threat import ThreatArguments, ThreatModel
 
 EMBEDDINGS = ("pooled", "llm")
@@ -30,7 +30,7 @@ NON_CONTENT_FIELDS = frozenset(
 
 
 @dataclass
-class PairsConfig(ThreatArguments):
+class PairsConfig(ThreatArguments, ImageSourceArguments):
     # --- model
     model_name_or_path: str = field(
         default="", metadata={"help": f"LLaVA-family model: hub id or local directory{plugin_model_hint('lvlm')}."}
@@ -46,14 +46,7 @@ class PairsConfig(ThreatArguments):
                           f"dataset id{plugin_data_hint()}; default for a plugin's model: the plugin's data."},
     )
     source_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of a plugin's data."})
-    image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
     id_column: str | None = field(default=None, metadata={"help": "HF dataset: column with a stable id (default: row index)."})
-    image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
-    allow_outside_root: bool = field(
-        default=False,
-        metadata={"help": ALLOW_OUTSIDE_ROOT_HELP},
-    )
-    max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(
         default=False,
         metadata={"help": "Pad each image to a square in the processor's mean colour before resizing, as original LLaVA-1.5 "
@@ -112,10 +105,8 @@ class PairsConfig(ThreatArguments):
             raise UsageError(f"source is required: an image folder, a saved HF dataset, a COCO .json or a hub id{plugin_data_hint()}")
         check_source(self.resolved_source(), "source", self.source_split, split_key="source_split",
                      columns={"image_column": self.image_column, "id_column": self.id_column})
-        if self.image_root and not Path(self.image_root).expanduser().is_dir():
-            raise UsageError(f"image_root {self.image_root!r} is not a directory")
-        if self.max_images is not None and self.max_images < 1:
-            raise UsageError(f"max_images={self.max_images}; must be >= 1 or unset")
+        for problem in self.image_source_problems():
+            raise UsageError(problem)
 
         prompts = self.prompt_list()
         if self.prompts_per_image < 1 or self.prompts_per_image > len(prompts):

@@ -114,6 +114,11 @@ CASES = [
     (pairs_argv, ["--attack_eps", "1.5"], "eps=1.5 is neither below 1 (pixels) nor a whole number of 255ths; write"),
     (pairs_argv, ["--attack_steps", "0"], "steps=0; must be >= 1"),
     (pairs_argv, ["--source", "no/such/images"], "source='no/such/images' does not exist"),
+    # the image-source keys pairs and AdPO's online pairs share (adpo.sources.ImageSourceArguments): one check, one line
+    (pairs_argv, ["--max_images", "0"], "max_images=0; must be >= 1 or unset"),
+    (adpo_argv, ["--max_images", "0"], "max_images=0; must be >= 1 or unset"),
+    (pairs_argv, ["--image_root", "no/such/folder"], "image_root='no/such/folder' is not a directory"),
+    (adpo_argv, ["--image_root", "no/such/folder"], "image_root='no/such/folder' is not a directory"),
     (eval_argv, ["--attack_eps", "2/255", "1.5"], "eps=1.5 is neither below 1"),
     (eval_argv, ["--attack_steps", "0"], "steps=0 must be >= 1"),
     (eval_argv, ["--data", "no/such/data"], "data='no/such/data' does not exist"),

@@ -87,7 +87,7 @@ from adpo.runtime import (
     resume_checkpoint,
     write_requested_exports,
 )
-from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, ImageSource, check_source, open_source, saved_dataset_columns
+from adpo.sources import ImageSource, ImageSourceArguments, check_source, open_source, saved_dataset_columns
 from adpo.threat import EPS_SYNTAX, ThreatArguments
 from adpo.tower import VisionTower, find_vision_tower, freeze_for_tower_training
 
@@ -108,7 +108,7 @@ CLIP_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 # Configuration
 # ----------------------------------------------------------------------------------------------------
 @dataclass
-class AdPOConfig(DPOConfig, ThreatArguments):
+class AdPOConfig(DPOConfig, ThreatArguments, ImageSourceArguments):
     """TRL's DPOConfig plus what AdPO needs. Defaults differing from DPOConfig follow the paper
     (AdamW lr 1e-5, weight decay 1e-4, 2 epochs); ``beta`` keeps DPO's 0.1."""
 
@@ -158,16 +158,9 @@ class AdPOConfig(DPOConfig, ThreatArguments):
                   f"a COCO captions .json or a hub dataset id{plugin_data_hint()}."},
     )
     image_split: str = field(default="train", metadata={"help": "Split of a HF dataset or of a plugin's data."})
-    image_column: str = field(default="image", metadata={"help": "HF dataset: column holding the images."})
     question_column: str | None = field(
         default=None, metadata={"help": "HF dataset: column with a question per image (for use_source_questions)."}
     )
-    image_root: str | None = field(default=None, metadata={"help": "COCO: directory of the image files (default: beside the json)."})
-    allow_outside_root: bool = field(
-        default=False,
-        metadata={"help": ALLOW_OUTSIDE_ROOT_HELP},
-    )
-    max_images: int | None = field(default=None, metadata={"help": "Use only the first N images of the source."})
     pad_to_square: bool = field(
         default=False, metadata={"help": "Pad each image to a square in the processor's mean colour before its resize "
                                  "and crop, as original LLaVA-1.5 does (adpo.preprocess.to_pixels)."},
@@ -336,8 +329,7 @@ class AdPOConfig(DPOConfig, ThreatArguments):
                 check_source(self.image_source, "image_source", self.image_split, columns, split_key="image_split")
             except UsageError as error:
                 problems.append(str(error))
-        if self.max_images is not None and self.max_images < 1:
-            problems.append(f"max_images must be >= 1, got {self.max_images}")
+        problems += self.image_source_problems()
         if self.use_source_questions:
             if self.prompts or self.prompts_file:
                 problems.append("use_source_questions asks the source's own questions; remove prompts / prompts_file")
