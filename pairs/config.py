@@ -105,8 +105,8 @@ class PairsConfig(ThreatArguments, ImageSourceArguments):
             raise UsageError(f"source is required: an image folder, a saved HF dataset, a COCO .json or a hub id{plugin_data_hint()}")
         check_source(self.resolved_source(), "source", self.source_split, split_key="source_split",
                      columns={"image_column": self.image_column, "id_column": self.id_column})
-        for problem in self.image_source_problems():
-            raise UsageError(problem)
+        if problems := self.image_source_problems():
+            raise UsageError(problems[0])
 
         prompts = self.prompt_list()
         if self.prompts_per_image < 1 or self.prompts_per_image > len(prompts):
