@@ -140,3 +140,9 @@ def plugin_data_hint() -> str:
     """For help texts and errors: ``", or a plugin's data ('toy' / 'toy:<split>')"``; "" without such plugins."""
     names = [f"'{plugin.scheme}' / '{plugin.scheme}:<split>'" for plugin in plugins().values() if plugin.open_source]
     return f", or a plugin's data ({', '.join(names)})" if names else ""
+
+
+def plugin_radius_hint() -> str:
+    """For help texts: ``"; or a plugin's radius name ('toy': its working ε)"``; "" without such plugins."""
+    names = radius_names()
+    return f"; or a plugin's radius name ({', '.join(repr(name) for name in names)})" if names else ""

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from adpo.plugins import named_radius
+from adpo.plugins import named_radius, plugin_radius_hint
 
 Norm = Literal["linf", "l2"]
 NORMS: tuple[str, ...] = ("linf", "l2")
@@ -32,8 +32,8 @@ EPS_SYNTAX = "a fraction like 2/255, a number below 1 like 0.0078, or a whole nu
 
 def parse_eps(value: float | int | str) -> float:
     """ε (or a step size) in [0,1] pixel units, written as a fraction (``"2/255"``), a number below 1 (``0.0078``), a
-    whole number of 255ths (``2``) or a plugin's named radius (:func:`adpo.plugins.named_radius`; ``"world"``: the
-    bundled world's working ε).
+    whole number of 255ths (``2``) or a plugin's named radius (:func:`adpo.plugins.named_radius`, e.g. the bundled
+    world's working ε).
 
     A number ≥ 1 that is not whole (``1.5``) is refused: it is neither pixels nor 255ths. Raises ValueError for
     anything that is not one of these forms; :func:`parse_radius` adds the range check a config needs.
@@ -228,8 +228,8 @@ class ThreatArguments:
     """
 
     attack_norm: str = field(default="linf", metadata={"help": "Threat-model norm: linf or l2."})
-    attack_eps: str | None = field(default=None, metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or a plugin's "
-                                                                   "named radius (the bundled world's 'world')."})
+    attack_eps: str | None = field(default=None, metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}"
+                                                                   f"{plugin_radius_hint()}."})
     attack_steps: int = field(default=10, metadata={"help": "PGD steps (>= 1)."})
     attack_step_size: str | None = field(default=None, metadata={"help": "PGD step size (same syntax as attack_eps); "
                                                                          "default: attack_eps / 4."})

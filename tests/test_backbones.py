@@ -115,3 +115,8 @@ def test_a_robust_classifier_is_aligned_end_to_end(tmp_path):
     exported = instruct.load_lvlm(str(tmp_path / "aligned" / instruct.EXPORT_DIRNAME))[0]
     for name, value in lvlm.state_dict().items():
         assert torch.equal(value, exported.state_dict()[name]), name
+
+
+def test_the_classifier_needs_its_labelled_images(tmp_path):
+    with pytest.raises(UsageError, match="dataset is required: a class-per-folder image folder"):
+        classifier.parse_config([classifier.ClassifierConfig], ["--output_dir", str(tmp_path), "--use_cpu", "true"])

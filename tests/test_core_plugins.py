@@ -81,7 +81,7 @@ def test_no_core_or_stage_module_names_the_world():
         if path.relative_to(REPO).parts[:2] == ("adpo", "world"):
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if re.search(r"adpo\.world|world:", line):
+            if re.search(r"adpo\.world|world:|'world'|\"world\"", line):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert offenders == []
 

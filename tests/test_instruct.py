@@ -149,6 +149,14 @@ def test_bad_configs_are_refused_before_any_model_loads(assets, tmp_path, flags,
         config(assets, tmp_path, *flags)
 
 
+def test_the_data_defaults_to_a_plugin_models_own_and_is_required_otherwise(assets, tmp_path):
+    argv = ["--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"]
+    (world,) = instruct.parse_config([instruct.InstructConfig], ["--model_name_or_path", "world:small", *argv])
+    assert world.dataset == "world"
+    with pytest.raises(UsageError, match="dataset is required: a saved HF dataset or hub id with question_column"):
+        instruct.parse_config([instruct.InstructConfig], ["--model_name_or_path", assets["lvlm"], *argv])
+
+
 def test_a_source_without_questions_is_refused(assets, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

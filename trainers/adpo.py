@@ -74,7 +74,7 @@ from adpo.losses.preference import PIO_LOSS_TYPES, aio_loss, pio_loss, sequence_
 from adpo.lvlm import LlavaView
 from adpo.objectives import EmbeddingDistance
 from adpo.pairs_format import DATASET_DIR, REF_COLUMNS, REQUIRED_COLUMNS, check_pairs, load_pairs, missing_columns
-from adpo.plugins import plugin_data_hint, plugin_model_hint
+from adpo.plugins import plugin_data_hint, plugin_model_hint, plugin_radius_hint
 from adpo.preprocess import to_pixels
 from adpo.prompts import prompts_for_image, resolve_prompts
 from adpo.runtime import (
@@ -171,7 +171,7 @@ class AdPOConfig(DPOConfig, ThreatArguments, ImageSourceArguments):
     prompts_file: str | None = field(default=None, metadata={"help": "Text file, one prompt per line (overrides prompt_set)."})
     use_source_questions: bool = field(
         default=False,
-        metadata={"help": "Ask each image one of the source's own questions (the world's questions; a HF dataset's "
+        metadata={"help": "Ask each image one of the source's own questions (a plugin's data's questions; a HF dataset's "
                   "question_column) instead of the prompt set."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Length limit of the generated answers (tokens)."})
@@ -208,8 +208,8 @@ class AdPOConfig(DPOConfig, ThreatArguments, ImageSourceArguments):
     )
     # the online attack: ThreatArguments' keys (attack_norm, attack_eps, attack_steps, attack_step_size,
     # attack_random_start, attack_momentum), at the paper's 2/255 by default
-    attack_eps: str = field(default="2/255", metadata={"help": f"Online attack ε in [0,1] pixels: {EPS_SYNTAX}; or 'world' "
-                            "(the bundled world's working ε)."})
+    attack_eps: str = field(default="2/255", metadata={"help": f"Online attack ε in [0,1] pixels: {EPS_SYNTAX}"
+                                                                     f"{plugin_radius_hint()}."})
     attack_embedding: str = field(
         default="pooled", metadata={"help": "Tower output the online FARE objective compares: 'pooled' or 'llm'."}
     )

@@ -35,6 +35,7 @@ from adpo.attacks import apgd, pgd
 from adpo.errors import UsageError, parse_config
 from adpo.io import atomic_directory
 from adpo.objectives import Evaluation, Objective
+from adpo.plugins import plugin_data_hint, plugin_radius_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     check_training_arguments,
@@ -65,16 +66,16 @@ class ClassifierConfig(TrainingArguments, ThreatArguments):
     hidden_size: int = field(default=192, metadata={"help": "New ViT: width."})
     num_hidden_layers: int = field(default=6, metadata={"help": "New ViT: depth."})
     num_attention_heads: int = field(default=3, metadata={"help": "New ViT: heads."})
-    dataset: str = field(default="world", metadata={"help": "Labelled images: 'world', a class-per-folder image folder, "
-                                                           "a saved HF dataset or a hub id."})
+    dataset: str | None = field(default=None, metadata={"help": "Labelled images (required): a class-per-folder image "
+                                                                   f"folder, a saved HF dataset or a hub id{plugin_data_hint()}."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column: str = field(default="label", metadata={"help": "Column holding class indices."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N images."})
     allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     adversarial: bool = field(default=True, metadata={"help": "Train on PGD images (false: clean training)."})
-    # the attack (ThreatArguments' keys), at the world's working eps by default
-    attack_eps: str = field(default="world", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
+    # the attack (ThreatArguments' keys), at 4/255 by default (as the robust ImageNet classifiers Robust-LLaVA uses)
+    attack_eps: str = field(default="4/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}{plugin_radius_hint()}."})
     attack_step_size: str = field(default="2/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     eval_split: str = field(default="val", metadata={"help": "Split for the final clean / robust accuracy."})
     eval_samples: int = field(default=0, metadata={"help": "Images of eval_split scored at the end (APGD); 0: none."})
@@ -105,6 +106,9 @@ class ClassifierConfig(TrainingArguments, ThreatArguments):
                              f"hidden_size={self.hidden_size} of num_attention_heads={self.num_attention_heads}")
         if self.eval_samples < 0:
             raise UsageError(f"eval_samples={self.eval_samples}; must be >= 0")
+        if self.dataset is None:
+            raise UsageError(f"dataset is required: a class-per-folder image folder, a saved HF dataset or a hub id"
+                             f"{plugin_data_hint()}")
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
                      columns={"image_column": self.image_column, "label_column": self.label_column})
         check_training_arguments(self)
@@ -238,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                          image_column=config.image_column, label_column=config.label_column,
                          allow_outside_root=config.allow_outside_root)
     if not source.class_names:
-        raise UsageError(f"dataset {config.dataset!r} has no class labels; use 'world', a class-per-folder image folder "
-                         "or a HF dataset with label_column")
+        raise UsageError(f"dataset {config.dataset!r} has no class labels; use a class-per-folder image folder or a HF "
+                         f"dataset with label_column{plugin_data_hint()}")
     trainer = ClassifierTrainer(build_classifier(config, source.class_names), config, train_dataset=source)
     trainer.train(resume_from_checkpoint=resume_checkpoint(config.resume_from_checkpoint, config.output_dir))
     if config.eval_samples:

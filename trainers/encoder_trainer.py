@@ -44,7 +44,7 @@ from adpo.models import (
     resolve_dtype,
 )
 from adpo.objectives import Objective
-from adpo.plugins import plugin_data_hint, plugin_model_hint
+from adpo.plugins import plugin_data_hint, plugin_model_hint, plugin_radius_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     ENCODER_DIRNAME,
@@ -96,8 +96,8 @@ class EncoderTrainingConfig(TrainingArguments, ThreatArguments):
     )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Training images: 'world', an image folder (class sub-folders give labels), a saved HF "
-                          "dataset directory or a hub dataset id."},
+        metadata={"help": "Training images: an image folder (class sub-folders give labels), a saved HF dataset "
+                          f"directory or a hub dataset id{plugin_data_hint()}."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     image_column: str = field(default="image", metadata={"help": "Column holding the images."})
@@ -106,7 +106,7 @@ class EncoderTrainingConfig(TrainingArguments, ThreatArguments):
     allow_outside_root: bool = field(default=False, metadata={"help": ALLOW_OUTSIDE_ROOT_HELP})
     # the attack (ThreatArguments' keys), with the published recipe's defaults: PGD-10, ε 2/255, step 1/255, and the
     # momentum of FARE's training code
-    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world' (the world's)."})
+    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}{plugin_radius_hint()}."})
     attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     attack_momentum: float = field(
         default=0.9, metadata={"help": "PGD momentum on mean-|g|-normalised gradients (FARE's training code); 0 = plain."}
@@ -249,7 +249,7 @@ def load_training_images(config: EncoderTrainingConfig, need_labels: bool = Fals
     if need_labels and not source.class_names:
         raise ValueError(
             f"dataset {config.dataset!r} has no class labels; TeCoA needs them: use an image folder with one "
-            "sub-folder per class, a HF dataset with a label column (set label_column), or 'world'"
+            f"sub-folder per class or a HF dataset with a label column (set label_column){plugin_data_hint()}"
         )
     return source
 

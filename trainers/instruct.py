@@ -47,7 +47,7 @@ from adpo.io import atomic_directory, atomic_file, write_json_atomic
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm, resolve_dtype
 from adpo.objectives import LanguageModelLoss
-from adpo.plugins import plugin_data_hint, plugin_model_hint
+from adpo.plugins import model_plugin, plugin_data_hint, plugin_model_hint, plugin_radius_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     check_training_arguments,
@@ -105,10 +105,11 @@ class InstructConfig(TrainingArguments, ThreatArguments):
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LM_LINEAR_NAMES),
         metadata={"help": "Names of the language model's linear layers that get LoRA adapters."})
-    dataset: str = field(
-        default="world",
-        metadata={"help": "(image, question, answer) data: 'world', or a saved HF dataset / hub id with one question "
-                          "per row and its answer(s) (question_column, answers_column)."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "(image, question, answer) data: a saved HF dataset / hub id with one question per row and its "
+                          f"answer(s) (question_column, answers_column){plugin_data_hint()}; default for a plugin's "
+                          "model: the plugin's data."})
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     image_column: str = field(default="image", metadata={"help": "HF datasets: the image column."})
     question_column: str = field(default="question", metadata={"help": "HF datasets: the question column."})
@@ -125,7 +126,7 @@ class InstructConfig(TrainingArguments, ThreatArguments):
     adversarial: bool = field(
         default=False, metadata={"help": "Attack each batch's images on the answer's LM loss before the update."})
     # the attack (ThreatArguments' keys) with the project's training defaults: PGD-10, eps 2/255, step 1/255
-    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}; or 'world'."})
+    attack_eps: str = field(default="2/255", metadata={"help": f"Radius in [0,1] pixels: {EPS_SYNTAX}{plugin_radius_hint()}."})
     attack_step_size: str = field(default="1/255", metadata={"help": "PGD step size (same syntax as attack_eps)."})
     load_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the frozen weights (default: as stored); trained ones are float32."})
@@ -167,6 +168,12 @@ class InstructConfig(TrainingArguments, ThreatArguments):
         for key in ("max_train_samples", "questions_per_image"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)}; must be >= 1 or unset")
+        if self.dataset is None:
+            plugin = model_plugin(self.model_name_or_path)
+            if plugin is None or plugin[0].default_data is None:
+                raise UsageError("dataset is required: a saved HF dataset or hub id with question_column and "
+                                 f"answers_column{plugin_data_hint()}")
+            self.dataset = plugin[0].default_data
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
                      columns={"image_column": self.image_column, "question_column": self.question_column,
                               "answers_column": self.answers_column})

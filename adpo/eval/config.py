@@ -11,6 +11,7 @@ from pathlib import Path
 
 from adpo.errors import UsageError
 from adpo.io import check_writable
+from adpo.plugins import plugin_radius_hint
 from adpo.sources import ALLOW_OUTSIDE_ROOT_HELP, check_source
 from adpo.threat import EPS_SYNTAX, NORMS, parse_radius
 
@@ -59,7 +60,7 @@ class EvalConfig:
 
     # -- threat model and attack
     # the keys of adpo.threat.ThreatArguments, with a list of radii: the evaluation sweeps them
-    attack_eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": f"Epsilons in [0,1] pixels, each {EPS_SYNTAX}; or a plugin's named radius ('world')."})
+    attack_eps: list[str] = field(default_factory=lambda: ["2/255", "4/255"], metadata={"help": f"Epsilons in [0,1] pixels, each {EPS_SYNTAX}{plugin_radius_hint()}."})
     attack_norm: str = field(default="linf", metadata={"help": "linf | l2."})
     attack_steps: int = field(default=100, metadata={"help": "APGD steps per attack pass."})
     precision_schedule: list[str] = field(

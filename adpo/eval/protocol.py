@@ -34,7 +34,7 @@ from adpo.threat import ThreatModel, parse_eps
 
 
 def resolve_eps(values: Sequence[str]) -> list[tuple[float, str]]:
-    """(epsilon, label) pairs sorted by epsilon; "world" is the bundled world's working epsilon."""
+    """(epsilon, label) pairs sorted by epsilon; a plugin's named radius is read as its value."""
     return sorted({(eps, eps_label(eps)) for eps in map(parse_eps, values)})
 
 
