@@ -194,16 +194,17 @@ def _merged_config(spec: StageSpec, pipeline_keys: dict[str, Any]) -> dict[str, 
 
 
 def _command_stage(name: str, directory: Path, command: list[str], settings: dict[str, Any], inputs: tuple[str, ...] = (),
-                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Stage:
+                   resolve: Callable[[dict[str, Any]], dict[str, Any]] | None = None, declares_outputs: bool = False) -> Stage:
     """A stage that runs ``adpo COMMAND --config <directory>/stage_config.yaml``. ``resolve`` fills in, when the
-    stage runs, what only its inputs' outputs tell (where a trainer put its encoder)."""
+    stage runs, what only its inputs' outputs tell (where a trainer put its encoder). ``declares_outputs``: later
+    stages read its outputs from what its ``output_dir`` declares."""
 
     def run() -> None:
         config = resolve(dict(settings)) if resolve else settings
         path = write_yaml_atomic(directory / "stage_config.yaml", config)
         _adpo([*command, "--config", str(path)])
 
-    return Stage(name, directory, settings, run, inputs)
+    return Stage(name, directory, settings, run, inputs, Path(settings["output_dir"]) if declares_outputs else None)
 
 
 class StageFailed(RuntimeError):
@@ -270,8 +271,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
                 **({} if train_eps is None else {"attack_eps": train_eps})}
         if config.train_images is not None:
             keys["max_images"] = config.train_images
-        stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys)))
-        stages[-1].declares = pairs_dir / "run"
+        stages.append(_command_stage("pairs", pairs_dir, ["pairs"], _merged_config(config.pairs, keys), declares_outputs=True))
 
     for method in config.methods:
         trainer = config.trainer_of(method)
@@ -305,8 +305,7 @@ def build_stages(config: PipelineConfig) -> list[Stage]:
             inputs += (f"train-{source}",)
         # resuming from the newest checkpoint (none: from the start) changes no result, so it is not recorded
         stages.append(_command_stage(f"train-{method}", train_dir, ["train", trainer], _merged_config(config.train[method], keys),
-                                     inputs, declared_outputs_of(declared, resume_from_checkpoint="last")))
-        stages[-1].declares = train_dir / "run"
+                                     inputs, declared_outputs_of(declared, resume_from_checkpoint="last"), declares_outputs=True))
 
     if config.eval_zeroshot is not None:  # right after training: they need no transfer
         from adpo.pipeline_zeroshot import zeroshot_stages
