@@ -125,11 +125,16 @@ STAGE_OUTPUTS = "adpo_outputs.json"
 
 
 def write_stage_outputs(output_dir: str | os.PathLike, **outputs: str | os.PathLike) -> Path:
-    """Declare what a stage wrote, as paths relative to its ``output_dir`` (``encoder``, ``lvlm``, ``dataset``,
-    ``model``, ``report``), in ``<output_dir>/adpo_outputs.json``: what ``adpo run`` and users read instead of guessing."""
+    """Declare what a stage wrote (``encoder``, ``lvlm``, ``dataset``, ``model``, ``report``: each a path that exists,
+    as the caller opens it) in ``<output_dir>/adpo_outputs.json``, stored relative to ``output_dir``: what ``adpo run``
+    and users read instead of guessing."""
     from adpo.io import write_json_atomic
 
     root = Path(output_dir)
+    missing = [f"{name}={path}" for name, path in outputs.items() if not Path(path).exists()]
+    if missing:  # a bare name would be read from the working directory: the declaration would point elsewhere
+        raise FileNotFoundError(f"cannot declare outputs of {root} that do not exist: {', '.join(missing)}; pass each "
+                                "as a path the caller can open (under output_dir), after writing it")
     declared = {name: os.path.relpath(Path(path), root) for name, path in outputs.items()}
     return write_json_atomic(root / STAGE_OUTPUTS, declared)
 

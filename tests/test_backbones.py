@@ -21,6 +21,7 @@ from adpo.errors import UsageError
 from adpo.lvlm import LlavaView
 from adpo.tower import find_projector
 from adpo.preprocess import to_pixels, to_uint8_images
+from adpo.runtime import stage_output
 from adpo.testing import random_pixels, tiny_llava
 from trainers import classifier, instruct
 
@@ -92,6 +93,7 @@ def test_a_robust_classifier_is_aligned_end_to_end(tmp_path):
         "--disable_tqdm", "true"]) == 0
     card = json.loads((run / "classifier" / classifier.CARD_FILE).read_text())
     assert card["optimizer_steps"] == 2 and 0 <= card["robust_accuracy"] <= card["clean_accuracy"] <= 1
+    assert stage_output(run, "classifier") == run / "classifier"  # declared where adpo run reads it
     vit, _ = load_backbone(str(run / "classifier"))
     assert isinstance(vit, ViTModel)
 
@@ -112,6 +114,7 @@ def test_a_robust_classifier_is_aligned_end_to_end(tmp_path):
     assert changed and all(".multi_modal_projector." in name for name in changed)
     assert torch.equal(lvlm.model.vision_tower.embeddings.patch_embeddings.projection.weight,
                        vit.embeddings.patch_embeddings.projection.weight)
+    assert stage_output(tmp_path / "aligned", "model") == tmp_path / "aligned" / instruct.EXPORT_DIRNAME
     exported = instruct.load_lvlm(str(tmp_path / "aligned" / instruct.EXPORT_DIRNAME))[0]
     for name, value in lvlm.state_dict().items():
         assert torch.equal(value, exported.state_dict()[name]), name

@@ -13,6 +13,7 @@ from adpo.errors import UsageError
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm
 from adpo.preprocess import to_uint8_images
+from adpo.runtime import stage_output
 from adpo.testing import launch_two_cpu_processes, random_pixels, tiny_llava
 from trainers import instruct
 
@@ -107,6 +108,7 @@ def test_export_reloads_as_llava_and_gives_the_same_outputs(assets, tmp_path):
     trainer.train()
     trainer.save_model()
     exported = tmp_path / "run" / instruct.EXPORT_DIRNAME
+    assert stage_output(tmp_path / "run", "model") == exported  # declared where adpo run reads it
     reloaded, processor = load_lvlm(str(exported))
     assert type(reloaded) is LlavaForConditionalGeneration
     assert not any("lora" in name for name in reloaded.state_dict())  # merged

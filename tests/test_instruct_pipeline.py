@@ -46,7 +46,10 @@ def test_instruct_and_classifier_methods_get_their_stages_inputs_and_reports(tmp
         calls.append(argv)
         if argv[0] == "train":  # what a trainer declares: the pipeline reads its inputs from there, not by convention
             run = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())["output_dir"]
-            write_stage_outputs(run, encoder=Path(run, "encoder"), classifier=Path(run, "classifier"), model=Path(run, "model"))
+            outputs = {name: Path(run, name) for name in ("encoder", "classifier", "model")}
+            for path in outputs.values():
+                path.mkdir(parents=True)
+            write_stage_outputs(run, **outputs)
 
     monkeypatch.setattr(pipeline, "_adpo", stage_declaring_its_outputs)
     pipeline.run_pipeline(pipeline.PipelineConfig.from_yaml(_write(tmp_path, _config(tmp_path))))

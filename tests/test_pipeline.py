@@ -266,7 +266,9 @@ def test_a_training_run_that_declares_no_outputs_is_redone(tmp_path, monkeypatch
     config = _config(tmp_path)
     pipeline.run_pipeline(config)
     for method in ("fare", "adpo"):
+        (tmp_path / f"out/train/{method}/run/encoder").mkdir(parents=True)
         write_stage_outputs(tmp_path / f"out/train/{method}/run", encoder=tmp_path / f"out/train/{method}/run/encoder")
+    (tmp_path / "out/pairs/run/dataset").mkdir(parents=True)
     write_stage_outputs(tmp_path / "out/pairs/run", dataset=tmp_path / "out/pairs/run/dataset")
     (tmp_path / "out/train/fare/run/adpo_outputs.json").unlink()  # as an adpo before outputs were declared left it
     states = dict((stage.name, state) for stage, state in pipeline.stage_states(config))
@@ -488,6 +490,10 @@ def test_a_trainer_declares_its_outputs_where_the_pipeline_reads_them(tmp_path):
     from adpo.runtime import STAGE_OUTPUTS
 
     stage_output = STAGE_OUTPUT  # the real one: the fixture stands in for it in the other tests
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "lvlm").mkdir()
+    with pytest.raises(FileNotFoundError, match="that do not exist: encoder=encoder"):
+        write_stage_outputs(tmp_path, encoder="encoder")  # a bare name is the working directory's, not output_dir's
     write_stage_outputs(tmp_path, encoder=tmp_path / "encoder", lvlm=tmp_path / "lvlm")
     assert json.loads((tmp_path / STAGE_OUTPUTS).read_text()) == {"encoder": "encoder", "lvlm": "lvlm"}
     assert stage_output(tmp_path, "encoder") == tmp_path / "encoder"

@@ -73,6 +73,8 @@ def test_each_method_is_judged_with_what_its_run_declared(tmp_path, monkeypatch)
 
     stages = {stage.name: stage for stage in pipeline.build_stages(_config(tmp_path))}
     fare_run, mmcoa_run = tmp_path / "out" / "train" / "fare" / "run", tmp_path / "out" / "train" / "mmcoa" / "run"
+    for path in (fare_run / "encoder", mmcoa_run / "encoder", mmcoa_run / "clip"):
+        path.mkdir(parents=True)
     write_stage_outputs(fare_run, encoder=fare_run / "encoder")
     write_stage_outputs(mmcoa_run, encoder=mmcoa_run / "encoder", clip=mmcoa_run / "clip")
     calls = []

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(trainer.scores))
     trainer.save_model()
     if trainer.args.should_save:
-        write_stage_outputs(config.output_dir, classifier=CLASSIFIER_DIRNAME)
+        write_stage_outputs(config.output_dir, classifier=Path(config.output_dir) / CLASSIFIER_DIRNAME)
     print(f"classifier written to {Path(config.output_dir) / CLASSIFIER_DIRNAME}")
     return 0
 

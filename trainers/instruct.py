@@ -420,7 +420,7 @@ class InstructTrainer(Trainer):
         if not _internal_call and self.args.should_save and self.args.export_model:
             out = Path(output_dir if output_dir is not None else self.args.output_dir)
             export_run(out, out / EXPORT_DIRNAME)  # frozen weights as stored: a bf16 load_dtype would round fp16 ones
-            write_stage_outputs(out, model=EXPORT_DIRNAME)
+            write_stage_outputs(out, model=out / EXPORT_DIRNAME)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """What trains, not the model: ``trainable.safetensors`` with the recipe and a card."""
