@@ -150,7 +150,11 @@ def stage_output(output_dir: str | os.PathLike, name: str) -> Path:
         raise UsageError(f"{output_dir} declares no outputs ({STAGE_OUTPUTS} is missing): did its stage finish?") from None
     if name not in declared:
         raise UsageError(f"{output_dir} declares no {name!r} output; it has {sorted(declared)}")
-    return Path(output_dir) / declared[name]
+    path = Path(output_dir) / declared[name]
+    if not path.exists():
+        raise UsageError(f"{output_dir} declares its {name!r} output at {path}, which does not exist: was it moved or "
+                         "deleted? Rerun the stage that wrote it (adpo run --force-stage NAME)")
+    return path
 
 
 def declared_outputs_of(inputs: dict[str, tuple[str | os.PathLike, str]], **fixed: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:

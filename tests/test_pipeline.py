@@ -499,3 +499,6 @@ def test_a_trainer_declares_its_outputs_where_the_pipeline_reads_them(tmp_path):
     assert stage_output(tmp_path, "encoder") == tmp_path / "encoder"
     with pytest.raises(ValueError, match="declares no 'report' output; it has \\['encoder', 'lvlm'\\]"):
         stage_output(tmp_path, "report")
+    (tmp_path / "lvlm").rmdir()
+    with pytest.raises(ValueError, match="declares its 'lvlm' output at .*lvlm, which does not exist"):
+        stage_output(tmp_path, "lvlm")
