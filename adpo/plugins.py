@@ -107,6 +107,13 @@ def model_plugin(name: str) -> tuple[Plugin, str] | None:
     return plugin, rest
 
 
+def plugin_default_data(model_name: str) -> str | None:
+    """The data a plugin's model is meant for (its plugin's ``default_data``), where a stage's data is left empty;
+    None for any other model."""
+    named = model_plugin(model_name)
+    return named[0].default_data if named is not None else None
+
+
 def data_plugin(spec: str) -> tuple[Plugin, str | None] | None:
     """(plugin, split or None) when ``spec`` is a plugin's data (``<scheme>`` or ``<scheme>:<split>``), else None."""
     found = split_name(spec)
@@ -143,6 +150,6 @@ def plugin_data_hint() -> str:
 
 
 def plugin_radius_hint() -> str:
-    """For help texts: ``"; or a plugin's radius name ('toy': its working ε)"``; "" without such plugins."""
+    """For help texts: ``"; or a plugin's radius name ('toy')"``; "" without such plugins."""
     names = radius_names()
     return f"; or a plugin's radius name ({', '.join(repr(name) for name in names)})" if names else ""

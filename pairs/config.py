@@ -13,7 +13,7 @@ from pathlib import Path
 
 from adpo.errors import UsageError
 from adpo.io import check_writable
-from adpo.plugins import model_plugin, plugin_data_hint, plugin_model_hint
+from adpo.plugins import model_plugin, plugin_data_hint, plugin_default_data, plugin_model_hint
 from adpo.prompts import resolve_prompts
 from adpo.sources import ImageSourceArguments, check_source
 from adpo.threat import ThreatArguments, ThreatModel
@@ -129,10 +129,7 @@ class PairsConfig(ThreatArguments, ImageSourceArguments):
 
     def resolved_source(self) -> str:
         """The source spec; a plugin's models default to the plugin's data (the world's models: the world's images)."""
-        named = None if self.source else model_plugin(self.model_name_or_path)
-        if named is not None and named[0].default_data:
-            return named[0].default_data
-        return self.source
+        return self.source or plugin_default_data(self.model_name_or_path) or self.source
 
     def prompt_list(self) -> list[str]:
         return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)

@@ -47,7 +47,7 @@ from adpo.io import atomic_directory, atomic_file, write_json_atomic
 from adpo.lvlm import LlavaView
 from adpo.models import load_lvlm, resolve_dtype
 from adpo.objectives import LanguageModelLoss
-from adpo.plugins import model_plugin, plugin_data_hint, plugin_model_hint, plugin_radius_hint
+from adpo.plugins import plugin_data_hint, plugin_default_data, plugin_model_hint, plugin_radius_hint
 from adpo.preprocess import to_pixels
 from adpo.runtime import (
     check_training_arguments,
@@ -169,11 +169,10 @@ class InstructConfig(TrainingArguments, ThreatArguments):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UsageError(f"{key}={getattr(self, key)}; must be >= 1 or unset")
         if self.dataset is None:
-            plugin = model_plugin(self.model_name_or_path)
-            if plugin is None or plugin[0].default_data is None:
-                raise UsageError("dataset is required: a saved HF dataset or hub id with question_column and "
-                                 f"answers_column{plugin_data_hint()}")
-            self.dataset = plugin[0].default_data
+            self.dataset = plugin_default_data(self.model_name_or_path)
+        if self.dataset is None:
+            raise UsageError("dataset is required: a saved HF dataset or hub id with question_column and "
+                             f"answers_column{plugin_data_hint()}")
         check_source(self.dataset, "dataset", self.dataset_split, split_key="dataset_split",
                      columns={"image_column": self.image_column, "question_column": self.question_column,
                               "answers_column": self.answers_column})
