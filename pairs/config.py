@@ -129,7 +129,7 @@ class PairsConfig(ThreatArguments, ImageSourceArguments):
 
     def resolved_source(self) -> str:
         """The source spec; a plugin's models default to the plugin's data (the world's models: the world's images)."""
-        return self.source or plugin_default_data(self.model_name_or_path) or self.source
+        return self.source or plugin_default_data(self.model_name_or_path) or ""
 
     def prompt_list(self) -> list[str]:
         return resolve_prompts(self.prompt_set, self.prompts, self.prompts_file)
